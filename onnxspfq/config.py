@@ -1,0 +1,85 @@
+"""Configuration as plain, validated dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnxspfq.errors import OnnxspfqError
+
+BITS = (8, 4, 3, 2, 1)
+METHODS = ("spfq", "gpfq", "gptq", "rtn")
+OPERATORS = ("stochastic", "nearest")
+GRANULARITIES = ("channel", "layer", "block")
+FORMATS = ("qdq", "float")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is quantized.
+
+    bits: stored bits (8, 4, 3, 2 = ternary, 1 = binary {-a, +a}).
+    c_alpha: step-size multiplier on max|w| (None: chosen per layer by the exact Gram reconstruction error).
+    C: SPFQ damping of the error correction (C = 1 is SPFQ, C -> inf is independent stochastic rounding).
+    operator: the operator T: "stochastic" (unbiased rounding) or "nearest" (deterministic baseline).
+    granularity: one step per output channel, per layer, or per block of `block_size` along the reduction axis.
+    order: alignment order r (1 = merged form; r > 1 = two-phase with r alignment passes).
+    perfect_alignment: phase I solves the least-squares alignment exactly instead of r passes.
+    """
+
+    bits: int = 4
+    c_alpha: float | None = None
+    C: float = 1.0
+    operator: str = "stochastic"
+    granularity: str = "channel"
+    block_size: int = 128
+    order: int = 1
+    perfect_alignment: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise OnnxspfqError(f"unsupported bits value {self.bits!r}: use one of {', '.join(map(str, BITS))}")
+        if self.c_alpha is not None and not self.c_alpha > 0:
+            raise OnnxspfqError(f"c_alpha must be > 0, got {self.c_alpha}: pass a positive number or leave it unset")
+        if not self.C >= 1:
+            raise OnnxspfqError(f"C must be >= 1, got {self.C}: use C = 1 (SPFQ) or larger to damp the correction")
+        if self.operator not in OPERATORS:
+            raise OnnxspfqError(f"unknown operator {self.operator!r}: use one of {', '.join(OPERATORS)}")
+        if self.granularity not in GRANULARITIES:
+            raise OnnxspfqError(f"unknown granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+        if self.block_size < 1:
+            raise OnnxspfqError(f"block_size must be >= 1, got {self.block_size}")
+        if self.order < 1:
+            raise OnnxspfqError(f"alignment order must be >= 1, got {self.order}")
+
+    @property
+    def levels(self) -> int:
+        """K: the largest integer code; codes live in {-K..K} (b >= 2) or {-1, +1} (b = 1)."""
+        return 1 if self.bits == 1 else 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """One compression run over a whole model."""
+
+    method: str = "spfq"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    seed: int = 0
+    samples: int | None = None
+    batch_size: int = 16
+    max_patches: int | None = 4096
+    skip: tuple[str, ...] = ()
+    format: str = "qdq"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise OnnxspfqError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise OnnxspfqError(f"unknown output format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.samples is not None and self.samples < 1:
+            raise OnnxspfqError(f"samples must be >= 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise OnnxspfqError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_patches is not None and self.max_patches < 1:
+            raise OnnxspfqError(f"max_patches must be >= 1, got {self.max_patches}")
+        if not 0 <= self.damp < 1:
+            raise OnnxspfqError(f"damp must be in [0, 1), got {self.damp}")
