@@ -23,6 +23,7 @@ class QuantConfig:
     granularity: one step per output channel, per layer, or per block of `block_size` along the reduction axis.
     order: alignment order r (1 = merged form; r > 1 = two-phase with r alignment passes).
     perfect_alignment: phase I solves the least-squares alignment exactly instead of r passes.
+    damp: GPTQ's relative Hessian damping (fraction of mean diag(H)).
     """
 
     bits: int = 4
@@ -33,6 +34,7 @@ class QuantConfig:
     block_size: int = 128
     order: int = 1
     perfect_alignment: bool = False
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -49,6 +51,8 @@ class QuantConfig:
             raise OnnxspfqError(f"block_size must be >= 1, got {self.block_size}")
         if self.order < 1:
             raise OnnxspfqError(f"alignment order must be >= 1, got {self.order}")
+        if not 0 <= self.damp < 1:
+            raise OnnxspfqError(f"damp must be in [0, 1), got {self.damp}")
 
     @property
     def levels(self) -> int:
@@ -68,7 +72,6 @@ class CompressConfig:
     max_patches: int | None = 4096
     skip: tuple[str, ...] = ()
     format: str = "qdq"
-    damp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,5 +84,3 @@ class CompressConfig:
             raise OnnxspfqError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_patches is not None and self.max_patches < 1:
             raise OnnxspfqError(f"max_patches must be >= 1, got {self.max_patches}")
-        if not 0 <= self.damp < 1:
-            raise OnnxspfqError(f"damp must be in [0, 1), got {self.damp}")
