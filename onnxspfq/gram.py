@@ -42,3 +42,46 @@ class Grams:
         g = cls(X.shape[1])
         g.add(X, X if Xt is None else Xt)
         return g
+
+
+# ------------------------------------------------------------------------------------------------ im2col (Conv)
+def conv_output_shape(spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
+                      pads: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
+    """Output spatial size of a Conv (ONNX pads: all begins, then all ends)."""
+    nd = len(kernel)
+    return tuple((spatial[i] + pads[i] + pads[i + nd] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                 for i in range(nd))
+
+
+def patch_count(x_shape: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
+                pads: tuple[int, ...], dilations: tuple[int, ...]) -> int:
+    """Number of im2col rows (batch x output positions) of a Conv input of shape (N, C, *spatial)."""
+    return int(x_shape[0]) * int(np.prod(conv_output_shape(tuple(x_shape[2:]), kernel, strides, pads, dilations)))
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+           dilations: tuple[int, ...], rows: np.ndarray | None = None) -> np.ndarray:
+    """im2col of a Conv input x (N, C, *spatial) for 1-D / 2-D / 3-D Conv: (m, C * prod(kernel)).
+
+    Row r is one output position (batch-major, then output positions in C order); its columns are the flattened
+    (c, *kernel offsets) in the same channel-major order as `W.reshape(M, -1)`, so for a grouped Conv the
+    columns of group g are the contiguous block [g * C/groups * prod(kernel), (g + 1) * ...), matching that
+    group's `W_g.reshape(M/groups, -1)`, and `im2col(x) @ W.reshape(M, -1).T` is the Conv output without bias.
+    `rows` (sorted indices into range(patch_count)) keeps only those patches (subsampling without building all).
+    """
+    x = np.asarray(x)
+    nd = len(kernel)
+    n, c = x.shape[:2]
+    out = conv_output_shape(tuple(x.shape[2:]), kernel, strides, pads, dilations)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    xp = np.moveaxis(xp, 1, -1)  # (N, *spatial, C): each gather below reads contiguous channel vectors
+    total = n * int(np.prod(out))
+    if rows is None:
+        rows = np.arange(total)
+    coords = np.unravel_index(np.asarray(rows, dtype=np.int64), (n,) + out)
+    kcount = int(np.prod(kernel))
+    cols = np.empty((len(rows), c, kcount), dtype=x.dtype)
+    for kk, offs in enumerate(np.ndindex(*kernel)):
+        idx = tuple(coords[1 + i] * strides[i] + offs[i] * dilations[i] for i in range(nd))
+        cols[:, :, kk] = xp[(coords[0],) + idx]
+    return cols.reshape(len(rows), c * kcount)

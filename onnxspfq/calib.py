@@ -1,0 +1,279 @@
+"""Calibration data: read feeds from .npz / .npy / a folder / images / an onnxruntime CalibrationDataReader,
+check them against the model's inputs, and cut them into batches.
+
+Convention: axis 0 of every input is the sample (batch) axis. All sources are first turned into one stacked array
+per input (S samples), then checked and split into batches of `batch_size` samples; when the model fixes axis 0
+to B (e.g. 1), every batch has exactly B samples.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxspfq.errors import OnnxspfqError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How an image file becomes one model input sample.
+
+    The image is converted to RGB (3 channels) or L (1 channel, from the model's channel dim), resized to
+    `size` = (height, width) with bilinear filtering (None: the model input's static H, W), then
+    `x = (pixel * scale - mean[c]) / std[c]` per channel, in `layout` "NCHW" or "NHWC".
+    Example for ImageNet models: ImagePreprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).
+    """
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NCHW", "NHWC"):
+            raise OnnxspfqError(f"unknown image layout {self.layout!r}: use 'NCHW' or 'NHWC'")
+        if any(s == 0 for s in self.std):
+            raise OnnxspfqError("image std must be non-zero in every channel")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype, shape (None for a dynamic dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers that are also listed as inputs are excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, dims))
+    return specs
+
+
+def load_calibration(source: Any, model: onnx.ModelProto, samples: int | None = None, batch_size: int = 16,
+                     image_preprocess: ImagePreprocess | dict | None = None) -> list[dict[str, np.ndarray]]:
+    """Batches of feeds {input name: array} for `model` from `source`.
+
+    source: path to a .npz (keys = input names) or .npy (single-input models) file; a folder of .npy / .npz files
+    (each one sample or a batch, read in sorted name order) or of images (needs Pillow; see ImagePreprocess);
+    an onnxruntime CalibrationDataReader (get_next() -> dict or None); a dict of arrays; or a list of dicts.
+    samples: keep at most this many samples (None: all).
+    """
+    if batch_size < 1:
+        raise OnnxspfqError(f"batch_size must be >= 1, got {batch_size}")
+    if samples is not None and samples < 1:
+        raise OnnxspfqError(f"samples must be >= 1, got {samples}")
+    specs = model_inputs(model)
+    if not specs:
+        raise OnnxspfqError("the model has no inputs to feed; calibration needs a model with at least one input")
+    if isinstance(image_preprocess, dict):
+        image_preprocess = ImagePreprocess(**image_preprocess)
+    chunks = _read_source(source, specs, image_preprocess or ImagePreprocess())
+    stacked = _stack(chunks, specs)
+    return _batches(stacked, specs, samples, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_source(source: Any, specs: list[InputSpec], pre: ImagePreprocess) -> list[dict[str, np.ndarray]]:
+    """A list of chunks {name: array}; each array is one sample (rank R-1) or a stack of samples (rank R)."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            return _read_folder(p, specs, pre)
+        if not p.is_file():
+            raise OnnxspfqError(f"calibration source {str(p)!r} does not exist; pass a .npz/.npy file or a folder")
+        if p.suffix.lower() in ARRAY_SUFFIXES:
+            return [_read_array_file(p, specs)]
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return [_read_images([p], specs, pre)]
+        raise OnnxspfqError(f"unsupported calibration file {p.name!r}: use .npz, .npy, or a folder of arrays/images")
+    if isinstance(source, Mapping):
+        return [dict(source)]
+    if hasattr(source, "get_next"):
+        chunks = []
+        while (feed := source.get_next()) is not None:
+            if not isinstance(feed, Mapping):
+                raise OnnxspfqError("CalibrationDataReader.get_next() must return a dict of arrays or None")
+            chunks.append(dict(feed))
+        return chunks
+    if isinstance(source, Iterable):
+        chunks = list(source)
+        if not all(isinstance(c, Mapping) for c in chunks):
+            raise OnnxspfqError("a calibration list must hold dicts {input name: array}")
+        return [dict(c) for c in chunks]
+    raise OnnxspfqError(f"unsupported calibration source of type {type(source).__name__}: pass a path, a dict of "
+                        "arrays, a list of dicts, or an onnxruntime CalibrationDataReader")
+
+
+def _read_array_file(p: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise OnnxspfqError(f"cannot read calibration file {p.name!r} ({' '.join(str(e).split())[:200]}); "
+                            "save it with numpy.save / numpy.savez") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {k: data[k] for k in data.files}
+    if len(specs) != 1:
+        raise OnnxspfqError(f"{p.name}: a .npy file only feeds single-input models, this model has inputs "
+                            f"{', '.join(s.name for s in specs)}; use a .npz with one key per input")
+    return {specs[0].name: data}
+
+
+def _read_folder(p: Path, specs: list[InputSpec], pre: ImagePreprocess) -> list[dict[str, np.ndarray]]:
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    arrays = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES]
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if arrays and images:
+        raise OnnxspfqError(f"calibration folder {str(p)!r} mixes array and image files; keep one kind per folder")
+    if arrays:
+        return [_read_array_file(f, specs) for f in arrays]
+    if images:
+        return [_read_images(images, specs, pre)]
+    raise OnnxspfqError(f"calibration folder {str(p)!r} holds no .npy/.npz or image files; add calibration samples")
+
+
+def _read_images(files: list[Path], specs: list[InputSpec], pre: ImagePreprocess) -> dict[str, np.ndarray]:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise OnnxspfqError("reading calibration images needs Pillow: run `pip install pillow`, "
+                            "or pass the preprocessed images as a .npz/.npy file") from None
+    if len(specs) != 1 or len(specs[0].shape) != 4:
+        raise OnnxspfqError("image calibration needs a model with one 4-D input (N, C, H, W or N, H, W, C); "
+                            "pass arrays in a .npz instead")
+    spec = specs[0]
+    shp = spec.shape
+    chan_axis = 1 if pre.layout == "NCHW" else 3
+    hw = (shp[2], shp[3]) if pre.layout == "NCHW" else (shp[1], shp[2])
+    size = pre.size or (hw if None not in hw else None)
+    if size is None:
+        raise OnnxspfqError("the model's image height/width are dynamic: set ImagePreprocess(size=(H, W))")
+    channels = shp[chan_axis] or len(pre.mean)
+    if channels not in (1, 3):
+        raise OnnxspfqError(f"image calibration supports 1 or 3 channels, the model wants {channels}")
+    mean = np.asarray(pre.mean[:channels] if len(pre.mean) >= channels else pre.mean * channels, np.float32)
+    std = np.asarray(pre.std[:channels] if len(pre.std) >= channels else pre.std * channels, np.float32)
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32).reshape(size[0], size[1], channels)
+        except OSError as e:
+            raise OnnxspfqError(f"cannot read image {f.name!r} ({e}); remove or replace it") from None
+        a = (a * pre.scale - mean) / std
+        out.append(a.transpose(2, 0, 1) if pre.layout == "NCHW" else a)
+    return {spec.name: np.stack(out).astype(spec.dtype if spec.dtype.kind == "f" else np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+def _stack(chunks: list[dict[str, np.ndarray]], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Check names, ranks, static dims, dtypes and values of every chunk; return one stacked array per input."""
+    if not chunks:
+        raise OnnxspfqError("the calibration source is empty; provide at least one sample")
+    names = [s.name for s in specs]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, chunk in enumerate(chunks):
+        where = f"calibration item {i}" if len(chunks) > 1 else "calibration data"
+        missing = [n for n in names if n not in chunk]
+        extra = [k for k in chunk if k not in names]
+        if missing:
+            raise OnnxspfqError(f"{where} lacks model input(s) {', '.join(missing)}; it has "
+                                f"{', '.join(map(str, chunk)) or 'nothing'} (the keys must be the input names)")
+        if extra:
+            raise OnnxspfqError(f"{where} has key(s) {', '.join(map(str, extra))} that are not model inputs; "
+                                f"the model's inputs are {', '.join(names)}")
+        counts = set()
+        for s in specs:
+            a = _check_array(np.asarray(chunk[s.name]), s, where)
+            parts[s.name].append(a)
+            counts.add(a.shape[0] if a.ndim else None)
+        if len(counts - {None}) > 1:
+            raise OnnxspfqError(f"{where}: the inputs hold different sample counts {sorted(counts - {None})}; "
+                                "give every input the same number of samples")
+    out = {}
+    for s in specs:
+        arrs = parts[s.name]
+        if len(s.shape) == 0:
+            out[s.name] = arrs[0]
+            continue
+        try:
+            out[s.name] = arrs[0] if len(arrs) == 1 else np.concatenate(arrs, axis=0)
+        except ValueError:
+            raise OnnxspfqError(f"input {s.name}: calibration items have different shapes "
+                                f"{sorted({a.shape[1:] for a in arrs})}; pad or resize them to one shape") from None
+        if out[s.name].shape[0] == 0:
+            raise OnnxspfqError(f"input {s.name}: the calibration data holds 0 samples; provide at least one")
+    return out
+
+
+def _check_array(a: np.ndarray, s: InputSpec, where: str) -> np.ndarray:
+    """One chunk of one input: a sample (rank R-1, gets a batch axis) or a stack (rank R); dtype, dims, finiteness."""
+    rank = len(s.shape)
+    if a.dtype == object or a.dtype.kind not in "biuf":
+        raise OnnxspfqError(f"{where}: input {s.name} has dtype {a.dtype}, expected {s.dtype}")
+    if rank > 0 and a.ndim == rank - 1:
+        a = a[None]
+    if a.ndim != rank:
+        raise OnnxspfqError(f"{where}: input {s.name} has shape {a.shape}, the model expects rank {rank} "
+                            f"{_fmt(s.shape)} (or rank {rank - 1} for one sample)")
+    for ax in range(1, rank):
+        if s.shape[ax] is not None and a.shape[ax] != s.shape[ax]:
+            raise OnnxspfqError(f"{where}: input {s.name} has shape {a.shape}, the model expects {_fmt(s.shape)} "
+                                f"(axis {ax} must be {s.shape[ax]})")
+    if a.dtype != s.dtype:
+        safe_int = (a.dtype.kind in "biu" and s.dtype.kind in "biu" and np.can_cast(a.dtype, s.dtype, "safe"))
+        if not safe_int:
+            raise OnnxspfqError(f"{where}: input {s.name} has dtype {a.dtype}, the model expects {s.dtype}; "
+                                f"convert it (e.g. array.astype(numpy.{s.dtype.name}))")
+        a = a.astype(s.dtype)
+    if a.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise OnnxspfqError(f"{where}: input {s.name} holds {bad} NaN/Inf value(s); clean the calibration data")
+    return a
+
+
+def _fmt(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _batches(stacked: dict[str, np.ndarray], specs: list[InputSpec], samples: int | None,
+             batch_size: int) -> list[dict[str, np.ndarray]]:
+    batched = [s for s in specs if len(s.shape) > 0]
+    total = min(stacked[s.name].shape[0] for s in batched) if batched else 1
+    if samples is not None:
+        total = min(total, samples)
+    fixed = {s.shape[0] for s in batched if s.shape[0] is not None}
+    if len(fixed) > 1:
+        raise OnnxspfqError(f"the model fixes its inputs' batch dims to different sizes {sorted(fixed)}; "
+                            "calibration cannot batch such a model")
+    is_fixed = bool(fixed)
+    step = fixed.pop() if fixed else batch_size
+    if is_fixed and total % step:
+        raise OnnxspfqError(f"the model's batch dim is fixed to {step} but the calibration holds {total} samples; "
+                            f"provide a multiple of {step}")
+    out = []
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
+        out.append({s.name: (stacked[s.name][lo:hi] if len(s.shape) else stacked[s.name]) for s in specs})
+    return out

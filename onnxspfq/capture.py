@@ -1,0 +1,422 @@
+"""Stream each layer's inputs X (float model) and X~ (partially compressed model) into Gram statistics.
+
+How (FORMATS.md, "Collecting layer inputs"): the model is cut once into segments, one per layer in layer order;
+segment k holds the nodes first needed to compute layer k's input. Each segment is an in-memory
+`onnx.utils.Extractor` sub-model of a shape-inferred, weight-less copy of the model in which the layer weights
+(and every initializer of >= 1024 elements) are graph INPUTS: the same session serves the float run and the
+compressed run, the weights being fed per run. Two frontiers of computed tensors (float, compressed) are carried
+forward segment by segment; a tensor is dropped as soon as no later segment or layer read needs it, so each node
+runs once per batch per frontier (never a re-run of the whole prefix). Compressed tensors that no replaced weight
+can have changed are shared with the float frontier instead of being recomputed.
+
+Memory: frontier arrays are kept per batch in RAM up to `memory_limit_mb` (both frontiers together); above that,
+new arrays are written to .npy files in a temporary folder and read back through np.memmap. The folder is removed
+by close() (or when the Capture is garbage collected).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from onnxspfq.graph import Layer, weightless
+from onnxspfq.gram import Grams, im2col, patch_count
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime options for many live sessions: no spinning threads, fp32 math for weight-only QDQ MatMul."""
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def run_model(model: onnx.ModelProto | str | os.PathLike, batches: list[dict[str, np.ndarray]],
+              weights: dict[str, np.ndarray] | None = None, output_names: list[str] | None = None,
+              providers: list[str] | None = None) -> list[list[np.ndarray]]:
+    """Whole-model outputs per batch, with the initializers named in `weights` replaced (cast to their dtype).
+
+    An in-memory model is copied with the new initializers. A model given by path (e.g. > 2 GB) gets them
+    through SessionOptions.add_initializer at optimisation level EXTENDED: measured with onnxruntime 1.32, level
+    ALL (NCHWc layout transform) silently ignores such overrides on Conv weights.
+    """
+    so = session_options()
+    weights = weights or {}
+    in_memory = isinstance(model, onnx.ModelProto)
+    header = model if in_memory else onnx.load(str(model), load_external_data=False)
+    inits = {t.name: t for t in header.graph.initializer}
+    arrays = {}
+    for name, arr in weights.items():
+        if name not in inits:
+            raise ValueError(f"weight {name!r} is not an initializer of the model")
+        t = inits[name]
+        a = np.ascontiguousarray(arr, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        if a.shape != tuple(t.dims):
+            raise ValueError(f"weight {name!r}: shape {a.shape} differs from the model's {tuple(t.dims)}")
+        arrays[name] = a
+    keep = []
+    if in_memory:
+        src = (_replaced(model, arrays) if arrays else model).SerializeToString()
+    else:
+        src = str(model)
+        if arrays:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        for name, a in arrays.items():
+            ov = ort.OrtValue.ortvalue_from_numpy(a)
+            keep.append((a, ov))
+            so.add_initializer(name, ov)
+    sess = ort.InferenceSession(src, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    names = output_names or [o.name for o in sess.get_outputs()]
+    return [sess.run(names, feed) for feed in batches]
+
+
+def _replaced(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold those arrays."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(m.graph.initializer):
+        if t.name in arrays:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return m
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+class _Budget:
+    """RAM accounting shared by both frontiers; spills to a lazily created temporary folder."""
+
+    def __init__(self, limit_bytes: int, spill_dir: str | None) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self.parent = spill_dir
+        self.dir: str | None = None
+        self.count = 0
+
+    def new_path(self) -> str:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="onnxspfq-capture-", dir=self.parent)
+        self.count += 1
+        return os.path.join(self.dir, f"t{self.count}.npy")
+
+
+class _Held:
+    """One frontier array, in RAM or spilled to disk; shared between frontiers by reference, freed with it."""
+
+    def __init__(self, arr: np.ndarray, budget: _Budget | None) -> None:
+        self.path: str | None = None
+        self.ram = 0
+        self.budget = budget
+        self.arr: np.ndarray | None = arr
+        if budget is None:  # a calibration batch array: owned by the caller, not counted
+            return
+        if budget.used + arr.nbytes > budget.limit:
+            self.path = budget.new_path()
+            np.save(self.path, arr)
+            self.arr = None
+        else:
+            self.ram = arr.nbytes
+            budget.used += arr.nbytes
+
+    def get(self) -> np.ndarray:
+        return self.arr if self.arr is not None else np.load(self.path, mmap_mode="r")
+
+    def __del__(self) -> None:
+        if self.budget is not None:
+            self.budget.used -= self.ram
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+@dataclass
+class _Segment:
+    nodes: list[int]
+    inputs: list[str]       # frontier tensors read
+    weights: list[str]      # fed initializers read
+    outputs: list[str]      # tensors later segments / layer reads need
+
+
+@dataclass
+class _Frontier:
+    pos: int = 0                                                # segments run so far
+    store: dict[tuple[int, str], _Held] = field(default_factory=dict)
+    tainted: set[str] = field(default_factory=set)              # tensors a replaced weight may have changed
+    used: dict[str, np.ndarray | None] = field(default_factory=dict)  # weight fed per name (None = original)
+
+
+# ------------------------------------------------------------------------------------------------------- Capture
+class Capture:
+    """Per-layer Grams from the float model and the partially compressed model (see the module docstring).
+
+    model: the (folded) model the layers were found in; layers: in the order grams() will be called;
+    batches: calibration feeds; max_patches: Conv im2col rows kept per batch (random subset, same rows in X and
+    X~, seeded by (seed, layer index, batch index)); None keeps all.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], batches: list[dict[str, np.ndarray]],
+                 max_patches: int | None = 4096, seed: int = 0, progress: bool = False,
+                 memory_limit_mb: int = 2048, spill_dir: str | None = None,
+                 providers: list[str] | None = None) -> None:
+        if not batches:
+            raise ValueError("Capture needs at least one calibration batch")
+        self.layers = list(layers)
+        self._index = {layer.name: i for i, layer in enumerate(self.layers)}
+        self.batches = batches
+        self.max_patches = max_patches
+        self.seed = seed
+        self.progress = progress
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._inits = {t.name: t for t in model.graph.initializer}
+        wl, self._fed = weightless(model, fed={layer.weight for layer in self.layers})
+        wl.graph.ClearField("quantization_annotation")
+        if len(wl.graph.sparse_initializer):
+            raise ValueError("models with sparse initializers are not supported by Capture; densify them first")
+        self._extractor = onnx.utils.Extractor(wl)
+        self._graph_inputs = [i.name for i in wl.graph.input if i.name not in self._inits]
+        self._plan, self._last_use, self._weight_last_use = _plan(wl, [layer.input for layer in self.layers],
+                                                                  self._fed, self._graph_inputs)
+        self._budget = _Budget(int(memory_limit_mb) * 2 ** 20, spill_dir)
+        self._finalizer = weakref.finalize(self, _cleanup, self._budget)
+        self._sessions: dict[int, ort.InferenceSession] = {}
+        self._orig: dict[str, np.ndarray] = {}
+        self._float = self._fresh()
+        self._comp = self._fresh()
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def grams(self, layer: Layer, weights: dict[str, np.ndarray]) -> list[Grams]:
+        """One Grams per group (group_rows order) of `layer`'s input: X from the float model, X~ from the model
+        whose initializers named in `weights` hold the given float arrays (arrays must not be mutated later)."""
+        if layer.name not in self._index:
+            raise ValueError(f"layer {layer.name!r} is not one of this Capture's layers")
+        k = self._index[layer.name]
+        for name, arr in weights.items():
+            if name not in self._fed:
+                raise ValueError(f"weight {name!r} is not a layer weight of this Capture's model")
+            if tuple(np.shape(arr)) != tuple(self._inits[name].dims):
+                raise ValueError(f"weight {name!r}: shape {np.shape(arr)} differs from {tuple(self._inits[name].dims)}")
+        if self._float.pos > k + 1:
+            self._float = self._fresh()
+        if self._comp.pos > k + 1 or not self._consistent(weights):
+            self._comp = self._fresh()
+        start = min(self._float.pos, self._comp.pos)
+        steps = range(start, k + 1)
+        if self.progress and len(steps) > 1:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc=f"capture {layer.name}", leave=False)
+        for s in steps:
+            if self._float.pos == s:
+                self._advance(self._float, s, {}, None)
+            if self._comp.pos == s:
+                self._advance(self._comp, s, weights, self._float if self._float.pos == s + 1 else None)
+        self._housekeeping()
+        return self._layer_grams(k, layer)
+
+    def close(self) -> None:
+        """Free sessions and arrays and remove the spill folder."""
+        self._sessions.clear()
+        self._float = _Frontier()
+        self._comp = _Frontier()
+        self._finalizer()
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- frontiers ------------------------------------------------------------------------------------------------
+    def _fresh(self) -> _Frontier:
+        f = _Frontier()
+        for b, feed in enumerate(self.batches):
+            for name in self._graph_inputs:
+                if name in feed:
+                    f.store[(b, name)] = _Held(np.asarray(feed[name]), None)
+        return f
+
+    def _consistent(self, weights: dict[str, np.ndarray]) -> bool:
+        for name, old in self._comp.used.items():
+            new = weights.get(name)
+            if (old is None) != (new is None):
+                return False
+            if new is not None and new is not old and not np.array_equal(new, old):
+                return False
+        return True
+
+    def _advance(self, fr: _Frontier, s: int, weights: dict[str, np.ndarray], float_fr: _Frontier | None) -> None:
+        seg = self._plan[s]
+        for key in [key for key in fr.store if self._last_use.get(key[1], -1) < s]:
+            del fr.store[key]
+        fr.pos = s + 1
+        if not seg.nodes:
+            return
+        replaced = [w for w in seg.weights if w in weights]
+        for w in seg.weights:
+            fr.used[w] = weights.get(w)
+        dirty = bool(replaced) or any(t in fr.tainted for t in seg.inputs)
+        nb = len(self.batches)
+        if (float_fr is not None and not dirty
+                and all((b, t) in float_fr.store for b in range(nb) for t in seg.outputs)):
+            for b in range(nb):
+                for t in seg.outputs:
+                    fr.store[(b, t)] = float_fr.store[(b, t)]
+            return
+        sess = self._session(s, fr)
+        feeds_w = {w: self._weight_feed(w, weights) for w in seg.weights}
+        for b in range(nb):
+            feeds = {t: fr.store[(b, t)].get() for t in seg.inputs}
+            feeds.update(feeds_w)
+            for t, arr in zip(seg.outputs, sess.run(seg.outputs, feeds)):
+                fr.store[(b, t)] = _Held(arr, self._budget)
+        if dirty:
+            fr.tainted.update(seg.outputs)
+
+    def _weight_feed(self, name: str, weights: dict[str, np.ndarray]) -> np.ndarray:
+        t = self._inits[name]
+        if name in weights:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            return np.ascontiguousarray(weights[name], dtype=dtype)
+        if name not in self._orig:
+            self._orig[name] = numpy_helper.to_array(t)
+        return self._orig[name]
+
+    def _session(self, s: int, fr: _Frontier) -> ort.InferenceSession:
+        if s in self._sessions:
+            return self._sessions[s]
+        seg = self._plan[s]
+        ex = self._extractor
+        for t in seg.inputs:  # tensors shape inference could not type: declare them from the actual arrays
+            if t not in ex.value_infos:
+                a = fr.store[(0, t)].get()
+                ex.value_infos[t] = onnx.helper.make_tensor_value_info(
+                    t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+        for t in seg.outputs:
+            if t not in ex.value_infos:
+                ex.value_infos[t] = onnx.ValueInfoProto(name=t)
+        sub = ex.extract_model(seg.inputs + seg.weights, seg.outputs)
+        sess = ort.InferenceSession(sub.SerializeToString(), sess_options=session_options(),
+                                    providers=self.providers)
+        self._sessions[s] = sess
+        return sess
+
+    def _housekeeping(self) -> None:
+        done = min(self._float.pos, self._comp.pos)
+        for s in [s for s in self._sessions if s < done]:
+            del self._sessions[s]
+        for w in [w for w in self._orig if self._weight_last_use.get(w, -1) < done]:
+            del self._orig[w]
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+    def _layer_grams(self, k: int, layer: Layer) -> list[Grams]:
+        groups = layer.group_rows()
+        out = [Grams(layer.n0) for _ in groups]
+        for b in range(len(self.batches)):
+            x = self._float.store[(b, layer.input)].get()
+            xt = self._comp.store[(b, layer.input)].get()
+            X, Xt = self._rows(k, b, layer, x), self._rows(k, b, layer, xt)
+            for g, gram in enumerate(out):
+                cols = slice(g * layer.n0, (g + 1) * layer.n0)
+                gram.add(X[:, cols], Xt[:, cols])
+        return out
+
+    def _rows(self, k: int, b: int, layer: Layer, x: np.ndarray) -> np.ndarray:
+        """The layer's input rows for one batch (MatMul / Gemm: one row per token; Conv: im2col patches)."""
+        if layer.op == "MatMul":
+            if x.shape[-1] != layer.n0:
+                raise ValueError(f"layer {layer.name}: input last dim {x.shape[-1]} != weight rows {layer.n0}")
+            return x.reshape(-1, layer.n0)
+        if layer.op == "Gemm":
+            return x.T if layer.trans_a else x
+        pads = layer.pads if layer.pads is not None else layer.resolve_pads(tuple(x.shape[2:]))
+        total = patch_count(x.shape, layer.kernel_shape, layer.strides, pads, layer.dilations)
+        rows = None
+        if self.max_patches is not None and total > self.max_patches:
+            rng = np.random.default_rng([self.seed, k, b])
+            rows = np.sort(rng.choice(total, self.max_patches, replace=False))
+        return im2col(x, layer.kernel_shape, layer.strides, pads, layer.dilations, rows)
+
+
+def _cleanup(budget: _Budget) -> None:
+    if budget.dir is not None:
+        shutil.rmtree(budget.dir, ignore_errors=True)
+        budget.dir = None
+
+
+# ------------------------------------------------------------------------------------------------------- planning
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node reads: its inputs and the outer-scope names its sub-graphs use."""
+    names = [n for n in node.input if n]
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            names += sorted(_outer_refs(sub))
+    return names
+
+
+def _outer_refs(graph: onnx.GraphProto) -> set[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    refs: set[str] = set()
+    for node in graph.node:
+        refs.update(n for n in _node_reads(node) if n not in local)
+        local.update(node.output)
+    return refs - local
+
+
+def _plan(wl: onnx.ModelProto, targets: list[str], fed: set[str], graph_inputs: list[str]
+          ) -> tuple[list[_Segment], dict[str, int], dict[str, int]]:
+    """Segments (one per target, in order), each tensor's last use (segment index that reads it), and each fed
+    weight's last use. Every node is assigned to the first segment that needs it."""
+    g = wl.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    reads = [_node_reads(n) for n in g.node]
+    assigned: dict[int, int] = {}
+    node_lists: list[list[int]] = []
+    for k, target in enumerate(targets):
+        nodes, stack = [], [target]
+        while stack:
+            idx = producer.get(stack.pop())
+            if idx is None or idx in assigned:
+                continue
+            assigned[idx] = k
+            nodes.append(idx)
+            stack.extend(reads[idx])
+        node_lists.append(sorted(nodes))
+    last_use: dict[str, int] = {}
+    weight_last: dict[str, int] = {}
+    seg_inputs: list[list[str]] = []
+    seg_weights: list[list[str]] = []
+    for k, nodes in enumerate(node_lists):
+        inside = {o for i in nodes for o in g.node[i].output}
+        ins, ws = [], []
+        for i in nodes:
+            for t in reads[i]:
+                if t in inside:
+                    continue
+                if t in fed:
+                    if t not in ws:
+                        ws.append(t)
+                    weight_last[t] = max(weight_last.get(t, -1), k)
+                elif (t in producer or t in graph_inputs) and t not in ins:
+                    ins.append(t)
+                    last_use[t] = max(last_use.get(t, -1), k)
+        seg_inputs.append(ins)
+        seg_weights.append(ws)
+    for k, target in enumerate(targets):
+        last_use[target] = max(last_use.get(target, -1), k)
+    segments = []
+    for k, nodes in enumerate(node_lists):
+        produced = [o for i in nodes for o in g.node[i].output if o]
+        outs = [t for t in produced if t in last_use]
+        segments.append(_Segment(nodes, seg_inputs[k], seg_weights[k], outs))
+    return segments, last_use, weight_last

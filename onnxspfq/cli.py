@@ -1,0 +1,113 @@
+"""`onnxspfq compress | evaluate | inspect`: argument parsing, progress and exit codes; the work is in api.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from onnxspfq.config import BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, CompressConfig, QuantConfig
+from onnxspfq.errors import OnnxspfqError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxspfq", description="Post-training compression of ONNX models with "
+                                "stochastic path-following quantization (SPFQ).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("model", help="input .onnx model (never modified)")
+    c.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names), .npy (single-input "
+                   "model), or a folder of .npy/.npz files or images")
+    c.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    c.add_argument("--bits", type=int, default=4, choices=BITS, help="stored bits per weight (2 = ternary, 1 = binary)")
+    c.add_argument("--method", default="spfq", choices=METHODS)
+    c.add_argument("--C", type=float, default=1.0, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
+                   "stochastic rounding)")
+    c.add_argument("--c-alpha", type=float, default=None, help="step = c_alpha * max|w| / K (default: chosen per "
+                   "layer by the exact reconstruction error)")
+    c.add_argument("--operator", default="stochastic", choices=OPERATORS, help="the operator T")
+    c.add_argument("--granularity", default="channel", choices=GRANULARITIES, help="one step per output channel, "
+                   "per layer, or per block along the reduction axis (MatMul/Gemm only)")
+    c.add_argument("--block-size", type=int, default=128, help="block size for --granularity block")
+    c.add_argument("--order", type=int, default=1, help="alignment order r (1 = merged form)")
+    c.add_argument("--perfect-alignment", action="store_true", help="least-squares phase-I alignment")
+    c.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
+    c.add_argument("--batch-size", type=int, default=16, help="calibration batch size for onnxruntime")
+    c.add_argument("--max-patches", type=int, default=4096, help="Conv: at most this many im2col patches per batch")
+    c.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="node names to leave in float")
+    c.add_argument("--format", default="qdq", choices=FORMATS, help="qdq: DequantizeLinear on packed integers; "
+                   "float: de-quantized float weights (for inspection)")
+    c.add_argument("--report", default=None, help="write the JSON report here")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
+
+    e = sub.add_parser("evaluate", help="compare a compressed model with its float original on data")
+    e.add_argument("float_model")
+    e.add_argument("compressed_model")
+    e.add_argument("--data", required=True, help="inputs as for --calib; an .npz may also hold a 'labels' array")
+    e.add_argument("--labels", default=None, help=".npy of integer class labels (default: the data .npz's 'labels')")
+    e.add_argument("--samples", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--json", default=None, help="write the figures here as JSON")
+
+    i = sub.add_parser("inspect", help="list the layers compress would touch")
+    i.add_argument("model")
+    return p
+
+
+def _compress(a: argparse.Namespace) -> None:
+    from onnxspfq.api import compress
+
+    quant = QuantConfig(bits=a.bits, c_alpha=a.c_alpha, C=a.C, operator=a.operator, granularity=a.granularity,
+                        block_size=a.block_size, order=a.order, perfect_alignment=a.perfect_alignment, damp=a.damp)
+    config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
+                            max_patches=a.max_patches, skip=tuple(a.skip), format=a.format)
+    result = compress(a.model, a.calib, output=a.output, config=config, report_path=a.report, progress=not a.quiet)
+    if not a.quiet:
+        print(result.report.table())
+    print(f"wrote {a.output}")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from onnxspfq.evaluate import evaluate_files
+
+    agreement = evaluate_files(a.float_model, a.compressed_model, a.data, labels=a.labels, samples=a.samples,
+                               batch_size=a.batch_size)
+    figures = agreement.as_dict()
+    for k, v in figures.items():
+        if v is not None:
+            print(f"{k:<26} {v:.6f}" if isinstance(v, float) else f"{k:<26} {v}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+def _inspect(a: argparse.Namespace) -> None:
+    from onnxspfq.graph import find_layers, fold_weight_chains, load_model
+
+    layers, skipped = find_layers(fold_weight_chains(load_model(a.model)))
+    for layer in layers:
+        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.W0.shape)):<20} groups={layer.groups}")
+    for s in skipped:
+        print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")
+    print(f"{len(layers)} compressible layer(s), {len(skipped)} left alone")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code (0 ok, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}[args.command](args)
+    except OnnxspfqError as err:
+        print(f"onnxspfq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxspfq: interrupted; no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

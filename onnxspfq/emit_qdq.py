@@ -1,0 +1,270 @@
+"""Write quantized weights back into an ONNX model as DequantizeLinear on packed INT8 / INT4 / INT2 constants.
+
+For each compressed weight initializer `w` the float initializer is removed and a node
+`DequantizeLinear(w_quantized, w_scale) -> w` takes its place. Because the node's output keeps the original
+name, every consumer of `w` (shared weights, tied embeddings, subgraphs) reads the de-quantized weight without
+rewiring. Zero points are omitted (symmetric codes, zero point 0), as TensorRT requires.
+
+Storage: bits 8 -> INT8 (opset 13), bits 4 and 3 -> INT4 (opset 21), bits 2 and 1 -> INT2 (opset 25);
+block-wise scales need opset 21. The default-domain opset is raised only as far as needed, never lowered, and
+`ir_version` is set to the smallest IR that supports it (onnx 1.23 would write IR 14, which older onnxruntime
+rejects).
+
+Layers and results are duck-typed (see graph.Layer and the methods' results):
+  layer: .name, .op, .weight, .W0, .channel_axis, .reduction_axis, .tensor(M) -> M in W0's layout
+  result: .codes int8 (N1, N0), .scale float64 (N1, nblocks), .block_size (N0 when not blocked)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+from onnxspfq.errors import OnnxspfqError
+
+MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
+FORMATS = ("qdq", "float")
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# bits -> (numpy storage dtype, ONNX type name, minimum opset of DequantizeLinear on that type)
+_STORAGE: dict[int, tuple[Any, str, int]] = {
+    8: (np.int8, "INT8", 13),
+    4: (ml_dtypes.int4, "INT4", 21),
+    3: (ml_dtypes.int4, "INT4", 21),
+    2: (ml_dtypes.int2, "INT2", 25),
+    1: (ml_dtypes.int2, "INT2", 25),
+}
+_BLOCKWISE_OPSET = 21
+
+
+def levels(bits: int) -> int:
+    """Largest code magnitude K for `bits` (codes live in {-K..K}; bits 1 and 2 both give K = 1)."""
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+def dequantize(result: Any) -> np.ndarray:
+    """codes * scale as an (N1, N0) float32 matrix, computed exactly as DequantizeLinear does (fp32 product)."""
+    codes = np.asarray(result.codes)
+    scale = np.asarray(result.scale, dtype=np.float32)
+    per_column = np.repeat(scale, result.block_size, axis=1)[:, : codes.shape[1]]
+    return codes.astype(np.float32) * per_column
+
+
+def _nblocks(n0: int, block_size: int) -> int:
+    return -(-n0 // block_size)
+
+
+def _validate(layer: Any, result: Any, bits: int) -> None:
+    """Check one (layer, result, bits) triple against the contract; OnnxspfqError names what is wrong."""
+    where = f"layer {layer.name!r} (weight {layer.weight!r})"
+    if bits not in _STORAGE:
+        raise OnnxspfqError(f"{where}: unsupported bits {bits!r}; use one of 8, 4, 3, 2, 1")
+    if layer.op not in ("MatMul", "Gemm", "Conv"):
+        raise OnnxspfqError(f"{where}: unsupported op {layer.op!r}; only MatMul, Gemm and Conv weights are emitted")
+    codes, scale = np.asarray(result.codes), np.asarray(result.scale)
+    if codes.dtype != np.int8 or codes.ndim != 2:
+        raise OnnxspfqError(f"{where}: codes must be a 2-D int8 array (N1, N0), got {codes.dtype} {codes.shape}")
+    n1, n0 = codes.shape
+    if np.shape(layer.tensor(codes)) != np.shape(layer.W0):
+        raise OnnxspfqError(f"{where}: codes {codes.shape} do not map to the weight's shape {np.shape(layer.W0)}")
+    if not isinstance(result.block_size, (int, np.integer)) or result.block_size < 1:
+        raise OnnxspfqError(f"{where}: block_size must be a positive int, got {result.block_size!r}")
+    if scale.shape != (n1, _nblocks(n0, int(result.block_size))):
+        raise OnnxspfqError(
+            f"{where}: scale shape {scale.shape} != (N1, ceil(N0 / block_size)) = "
+            f"{(n1, _nblocks(n0, int(result.block_size)))}; pass one scale per channel and block"
+        )
+    if not np.all(np.isfinite(scale)):
+        raise OnnxspfqError(f"{where}: scale has NaN or Inf values; re-run the quantizer on finite weights")
+    k = levels(bits)
+    if codes.size and int(np.abs(codes.astype(np.int16)).max()) > k:
+        raise OnnxspfqError(f"{where}: codes exceed the {bits}-bit range [-{k}, {k}]; quantize with bits={bits}")
+
+
+def _blocked(result: Any) -> bool:
+    return np.asarray(result.scale).shape[1] > 1
+
+
+def _group_by_weight(items: list[tuple[Any, Any, int]]) -> dict[str, tuple[Any, Any, int]]:
+    """One entry per weight initializer; layers sharing a weight must carry the same quantized weight."""
+    groups: dict[str, tuple[Any, Any, int]] = {}
+    for layer, result, bits in items:
+        _validate(layer, result, bits)
+        if layer.weight not in groups:
+            groups[layer.weight] = (layer, result, bits)
+            continue
+        first, first_result, first_bits = groups[layer.weight]
+        same = (
+            first_bits == bits
+            and first.channel_axis == layer.channel_axis
+            and np.array_equal(first.tensor(np.asarray(first_result.codes)), layer.tensor(np.asarray(result.codes)))
+            and np.array_equal(first.tensor(dequantize(first_result)), layer.tensor(dequantize(result)))
+        )
+        if not same:
+            raise OnnxspfqError(
+                f"weight {layer.weight!r} is shared by layers {first.name!r} and {layer.name!r} but they were "
+                "quantized differently: quantize the shared weight once and pass the same result for both"
+            )
+    return groups
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in _DEFAULT_DOMAINS:
+            return op.version
+    raise OnnxspfqError("the model imports no default-domain ('ai.onnx') opset: it is not a standard ONNX model")
+
+
+def min_ir_version(opset: int) -> int:
+    """Smallest IR version whose onnx release supports `opset` (from onnx.helper.VERSION_TABLE)."""
+    for _release, ir, ai_onnx, *_rest in helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return ir
+    raise OnnxspfqError(f"opset {opset} is newer than this onnx package knows: upgrade onnx")
+
+
+def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Return `model` at default-domain opset >= `target` (converted when lower), with a matching IR version."""
+    current = _default_opset(model)
+    if current < target:
+        try:
+            model = version_converter.convert_version(model, target)
+        except Exception as exc:  # the converter raises several C++ error types
+            raise OnnxspfqError(
+                f"cannot convert the model from opset {current} to {target} ({str(exc).splitlines()[0][:200]}): "
+                f"convert it to opset >= {target} yourself or use fewer bits' formats needing a lower opset"
+            ) from exc
+    model.ir_version = min_ir_version(max(current, target))
+    return model
+
+
+def _find_initializer(graph: onnx.GraphProto, name: str) -> int:
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            return i
+    raise OnnxspfqError(
+        f"weight {name!r} is not an initializer of the main graph: only constant weights stored as initializers "
+        "can be emitted (fold Constant nodes into initializers first)"
+    )
+
+
+def _check_consumer(graph: onnx.GraphProto, layer: Any) -> None:
+    for node in graph.node:
+        if node.name == layer.name:
+            if len(node.input) > 1 and node.input[1] == layer.weight and node.op_type == layer.op:
+                return
+            raise OnnxspfqError(
+                f"node {layer.name!r} ({node.op_type}) does not read {layer.weight!r} as its weight input: "
+                "pass layers found on this same model"
+            )
+    raise OnnxspfqError(f"no node named {layer.name!r} in the model: pass layers found on this same model")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+def _emit_float(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
+    for name, (layer, result, _bits) in groups.items():
+        idx = _find_initializer(model.graph, name)
+        w = np.ascontiguousarray(layer.tensor(dequantize(result)), dtype=np.float32)
+        model.graph.initializer[idx].CopyFrom(numpy_helper.from_array(w, name))
+    return model
+
+
+def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
+    needed = 0
+    for layer, result, bits in groups.values():
+        needed = max(needed, _STORAGE[bits][2])
+        if _blocked(result):
+            if layer.op == "Conv":
+                raise OnnxspfqError(
+                    f"layer {layer.name!r}: block-wise scales are not supported for Conv; use per-channel "
+                    "granularity for Conv layers"
+                )
+            needed = max(needed, _BLOCKWISE_OPSET)
+    model = _raise_opset(model, needed)
+    if _default_opset(model) > MAX_OPSET:
+        raise OnnxspfqError(
+            f"model opset {_default_opset(model)} > {MAX_OPSET}: onnxruntime has no CPU DequantizeLinear kernel "
+            "there; export the model at opset <= 25"
+        )
+    graph = model.graph
+    taken = _all_names(graph)
+    dq_nodes = []
+    for name, (layer, result, bits) in groups.items():
+        idx = _find_initializer(graph, name)
+        if graph.initializer[idx].data_type != TensorProto.FLOAT:
+            raise OnnxspfqError(
+                f"weight {name!r} is {TensorProto.DataType.Name(graph.initializer[idx].data_type)}: QDQ output "
+                "supports float32 weights only; convert the model to float32 first or use fmt='float'"
+            )
+        storage = _STORAGE[bits][0]
+        q = np.ascontiguousarray(layer.tensor(np.asarray(result.codes))).astype(storage)
+        q_name = _unique(f"{name}_quantized", taken)
+        s_name = _unique(f"{name}_scale", taken)
+        if _blocked(result):
+            # (N1, nblocks) into W0's 2-D layout: blocks run along the reduction axis, channels along the other
+            scale = np.asarray(result.scale, dtype=np.float32)
+            scale = np.ascontiguousarray(scale if layer.channel_axis == 0 else scale.T)
+            attrs = {"axis": int(layer.reduction_axis), "block_size": int(result.block_size)}
+        else:
+            scale = np.asarray(result.scale, dtype=np.float32).reshape(-1)
+            attrs = {"axis": int(layer.channel_axis)}
+        del graph.initializer[idx]
+        graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
+        # An initializer listed as a graph input (IR < 4 style) would clash with the node output of the same name.
+        inputs = [v for v in graph.input if v.name != name]
+        if len(inputs) != len(graph.input):
+            del graph.input[:]
+            graph.input.extend(inputs)
+        dq_nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [q_name, s_name], [name], name=_unique(f"{name}_DequantizeLinear", taken), **attrs
+            )
+        )
+    # DQ nodes read only initializers, so placing them first keeps the node list topologically sorted.
+    nodes = dq_nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def emit(model: onnx.ModelProto, items: list[tuple[Any, Any, int]], fmt: str = "qdq") -> onnx.ModelProto:
+    """Return a new model whose listed weights are quantized; `model` itself is not modified.
+
+    fmt "qdq": packed integer weights behind DequantizeLinear (opset / IR raised as needed).
+    fmt "float": the same initializers holding codes * scale as float32, opset unchanged (for inspection).
+    """
+    if fmt not in FORMATS:
+        raise OnnxspfqError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
+    groups = _group_by_weight(items)
+    for layer, _result, _bits in items:
+        init = model.graph.initializer[_find_initializer(model.graph, layer.weight)]
+        if tuple(init.dims) != np.shape(layer.W0):
+            raise OnnxspfqError(
+                f"weight {layer.weight!r} has shape {tuple(init.dims)} in the model but {np.shape(layer.W0)} in "
+                f"layer {layer.name!r}: pass layers found on this same model"
+            )
+        _check_consumer(model.graph, layer)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if fmt == "float":
+        return _emit_float(out, groups)
+    return _emit_qdq(out, groups)

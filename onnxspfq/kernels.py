@@ -1,0 +1,398 @@
+"""Path-following kernels (ALGORITHM.md Sections 2 and 3): direct reference, Gram form, blocked Gram form, GPTQ.
+
+All kernels quantize the rows of W (row n = output neuron n) independently, so every row is a `prange`
+iteration and the result does not depend on the number of threads. Randomness is NOT drawn here: the caller
+passes `xi` (N1, N0) uniform draws, one per (neuron, t), and the operator `T(v, xi, p)` (see operators.py)
+with its parameter rows `P` (N1, nblocks, nparams); column t of row n uses `P[n, t // bs]`.
+
+Every quantizing kernel returns `(Q, V)`: Q the quantized values, V the targets v_t fed to T (so callers can
+measure clipping and tests can compare forms on v). Columns with ||X~_t|| = 0 (d[t] = 0) get q = 0, v = 0.
+
+H = X~^T X~ must be symmetric (as every Gram is); G[t, j] = <X~_t, X_j> is not.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+DEFAULT_BLOCK = 128
+
+
+@njit(cache=False, inline="always")
+def _dot(a, b):
+    # plain loop: numba's np.dot needs scipy's BLAS, which is not a dependency
+    acc = 0.0
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Direct form (Section 2): the slow reference, operating on X and X~ explicitly. O(N1 * N0 * m).
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=False)
+def _direct_merged(W, XT, XtT, xi, C, T, P, bs):
+    N1, N0 = W.shape
+    m = XT.shape[1]
+    d = np.empty(N0)
+    g = np.empty(N0)
+    for t in range(N0):
+        d[t] = _dot(XtT[t], XtT[t])
+        g[t] = _dot(XtT[t], XT[t])
+    Q = np.zeros((N1, N0))
+    V = np.zeros((N1, N0))
+    u = np.empty(m)
+    for n in range(N1):
+        u[:] = 0.0
+        for t in range(N0):
+            x = XT[t]
+            xt = XtT[t]
+            w = W[n, t]
+            if d[t] == 0.0:
+                for i in range(m):
+                    u[i] += w * x[i]
+                continue
+            v = (w * g[t] + _dot(xt, u) / C) / d[t]
+            q = T(v, xi[n, t], P[n, t // bs])
+            Q[n, t] = q
+            V[n, t] = v
+            for i in range(m):
+                u[i] += w * x[i] - q * xt[i]
+    return Q, V
+
+
+@njit(cache=False)
+def _direct_align(W, XT, XtT, passes):
+    N1, N0 = W.shape
+    m = XT.shape[1]
+    d = np.empty(N0)
+    g = np.empty(N0)
+    for t in range(N0):
+        d[t] = _dot(XtT[t], XtT[t])
+        g[t] = _dot(XtT[t], XT[t])
+    Wt = np.zeros((N1, N0))
+    u = np.empty(m)
+    for n in range(N1):
+        u[:] = 0.0
+        for t in range(N0):  # pass 0: the merged loop with T = identity, C = 1
+            x = XT[t]
+            xt = XtT[t]
+            w = W[n, t]
+            v = 0.0
+            if d[t] != 0.0:
+                v = (w * g[t] + _dot(xt, u)) / d[t]
+            Wt[n, t] = v
+            for i in range(m):
+                u[i] += w * x[i] - v * xt[i]
+        for _ in range(passes - 1):  # Gauss-Seidel sweeps on min ||X w - X~ w~||, u = X w - X~ w~
+            for t in range(N0):
+                if d[t] == 0.0:
+                    continue
+                xt = XtT[t]
+                delta = _dot(xt, u) / d[t]
+                Wt[n, t] += delta
+                for i in range(m):
+                    u[i] -= delta * xt[i]
+    return Wt
+
+
+@njit(cache=False)
+def _direct_phase2(Wt, XtT, xi, C, T, P, bs):
+    N1, N0 = Wt.shape
+    m = XtT.shape[1]
+    d = np.empty(N0)
+    for t in range(N0):
+        d[t] = _dot(XtT[t], XtT[t])
+    Q = np.zeros((N1, N0))
+    V = np.zeros((N1, N0))
+    u = np.empty(m)
+    for n in range(N1):
+        u[:] = 0.0
+        for t in range(N0):
+            if d[t] == 0.0:
+                continue
+            xt = XtT[t]
+            v = Wt[n, t] + _dot(xt, u) / (C * d[t])
+            q = T(v, xi[n, t], P[n, t // bs])
+            Q[n, t] = q
+            V[n, t] = v
+            e = Wt[n, t] - q
+            for i in range(m):
+                u[i] += e * xt[i]
+    return Q, V
+
+
+def _cols(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(X, dtype=np.float64).T)
+
+
+def direct_merged(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
+                  bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference merged SPFQ / GPFQ loop on explicit X, X~ (m x N0): returns (Q, V)."""
+    return _direct_merged(_f64(W), _cols(X), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs))
+
+
+def direct_align(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, passes: int) -> np.ndarray:
+    """Reference phase I on explicit X, X~: pass 0 (merged loop, T = identity) then passes-1 Gauss-Seidel sweeps."""
+    return _direct_align(_f64(W), _cols(X), _cols(Xt), int(passes))
+
+
+def direct_phase2(Wt: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
+                  bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference phase II (quantize aligned weights W~ with X~ only): returns (Q, V)."""
+    return _direct_phase2(_f64(Wt), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gram form (Section 3), literal transcription, one row per prange iteration. O(N1 * N0^2), memory O(N0^2).
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=False)
+def _gram_merged(W, G, H, xi, C, T, P, bs):
+    N1, N0 = W.shape
+    Q = np.zeros((N1, N0))
+    V = np.zeros((N1, N0))
+    for n in prange(N1):
+        for t in range(N0):
+            dt = H[t, t]
+            if dt == 0.0:
+                continue
+            acc = 0.0
+            for j in range(t):
+                acc += W[n, j] * G[t, j] - Q[n, j] * H[t, j]
+            v = W[n, t] * G[t, t] / dt + acc / (C * dt)
+            q = T(v, xi[n, t], P[n, t // bs])
+            Q[n, t] = q
+            V[n, t] = v
+    return Q, V
+
+
+@njit(parallel=True, cache=False)
+def _gram_align(W, G, H, passes):
+    N1, N0 = W.shape
+    Wt = np.zeros((N1, N0))
+    for n in prange(N1):
+        for t in range(N0):  # pass 0
+            dt = H[t, t]
+            if dt == 0.0:
+                continue
+            acc = 0.0
+            for j in range(t + 1):
+                acc += W[n, j] * G[t, j]
+            for j in range(t):
+                acc -= Wt[n, j] * H[t, j]
+            Wt[n, t] = acc / dt
+        if passes > 1:
+            gw = np.empty(N0)
+            for t in range(N0):
+                acc = 0.0
+                for j in range(N0):
+                    acc += W[n, j] * G[t, j]
+                gw[t] = acc
+            for _ in range(passes - 1):  # Gauss-Seidel: w~_t = (G[t] w - sum_{j != t} H[t, j] w~_j) / H[t, t]
+                for t in range(N0):
+                    dt = H[t, t]
+                    if dt == 0.0:
+                        continue
+                    acc = gw[t]
+                    for j in range(N0):
+                        if j != t:
+                            acc -= H[t, j] * Wt[n, j]
+                    Wt[n, t] = acc / dt
+    return Wt
+
+
+@njit(parallel=True, cache=False)
+def _gram_phase2(Wt, H, xi, C, T, P, bs):
+    N1, N0 = Wt.shape
+    Q = np.zeros((N1, N0))
+    V = np.zeros((N1, N0))
+    for n in prange(N1):
+        e = np.zeros(N0)
+        for t in range(N0):
+            dt = H[t, t]
+            if dt == 0.0:
+                continue
+            acc = 0.0
+            for j in range(t):
+                acc += e[j] * H[t, j]
+            v = Wt[n, t] + acc / (C * dt)
+            q = T(v, xi[n, t], P[n, t // bs])
+            Q[n, t] = q
+            V[n, t] = v
+            e[t] = Wt[n, t] - q
+    return Q, V
+
+
+def gram_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
+                bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merged form from the Grams: v_t = w_t G_tt/d_t + (W[:, :t] G[t, :t] - Q[:, :t] H[:t, t]) / (C d_t)."""
+    return _gram_merged(_f64(W), _f64(G), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs))
+
+
+def gram_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int) -> np.ndarray:
+    """Phase I from the Grams: pass 0 then passes-1 Gauss-Seidel sweeps on H w~ = G w; returns W~."""
+    return _gram_align(_f64(W), _f64(G), _f64(H), int(passes))
+
+
+def gram_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
+                bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Phase II from the Grams: v_t = w~_t + (E[:, :t] H[:t, t]) / (C d_t), E = W~ - Q."""
+    return _gram_phase2(_f64(Wt), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocked ("lazy") Gram form: sequential work inside a block of columns, cross-block updates as one GEMM.
+# One engine serves phase II, the merged form and the alignment sweeps:
+#   v[:, t] = A0[:, t] + (R[:, t] + sum_{b0 <= j < t} E[:, j] H[j, t]) / s[t],   Q[:, t] = T(v),
+#   E[:, t] = B[:, t] - Q[:, t],  and after the block  R[:, b1:] += E[:, b0:b1] @ H[b0:b1, b1:].
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=False)
+def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E):
+    N1 = A0.shape[0]
+    nb = b1 - b0
+    for n in prange(N1):
+        r = np.empty(nb)
+        for k in range(nb):
+            r[k] = R[n, b0 + k]
+        for i in range(nb):
+            t = b0 + i
+            if s[t] == 0.0:
+                Q[n, t] = 0.0
+                V[n, t] = 0.0
+                E[n, t] = 0.0  # H[t, :] = 0 for a dead column, so nothing propagates anyway
+                continue
+            v = A0[n, t] + r[i] / s[t]
+            q = T(v, xi[n, t], P[n, t // bs])
+            Q[n, t] = q
+            V[n, t] = v
+            e = B[n, t] - q
+            E[n, t] = e
+            for k in range(i + 1, nb):  # axpy along the row of H: vectorizes, no reduction
+                r[k] += e * H[t, b0 + k]
+
+
+def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None):
+    """Run the engine over all blocks. With W, G given (merged form) the W-part of the correction is added too."""
+    N1, N0 = A0.shape
+    Q = np.empty((N1, N0))
+    V = np.empty((N1, N0))
+    E = np.empty((N1, N0))
+    f32 = np.dtype(gemm_dtype) == np.float32
+    Hg = H.astype(np.float32) if f32 else H
+    Gg = G.astype(np.float32) if (f32 and G is not None) else G
+    for b0 in range(0, N0, block):
+        b1 = min(b0 + block, N0)
+        if G is not None:  # in-block part of sum_{j<t} W[:, j] G[t, j]
+            R[:, b0:b1] += W[:, b0:b1] @ np.tril(G[b0:b1, b0:b1], -1).T
+        _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E)
+        if b1 < N0:
+            if f32:
+                upd = E[:, b0:b1].astype(np.float32) @ Hg[b0:b1, b1:]
+                if G is not None:
+                    upd += W[:, b0:b1].astype(np.float32) @ Gg[b1:, b0:b1].T
+            else:
+                upd = E[:, b0:b1] @ H[b0:b1, b1:]
+                if G is not None:
+                    upd += W[:, b0:b1] @ G[b1:, b0:b1].T
+            R[:, b1:] += upd
+    return Q, V
+
+
+def _scaled_diag(H: np.ndarray, C: float) -> np.ndarray:
+    return np.ascontiguousarray(C * np.diag(H))
+
+
+def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray, bs: int,
+                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Phase II, blocked: equal to gram_phase2 up to summation order; cross-block updates run as GEMM.
+
+    gemm_dtype=np.float32 runs the cross-block GEMMs in float32 (about 2x faster; corrections then carry
+    ~1e-7 relative error, so rare rounding decisions may differ from the float64 forms).
+    """
+    Wt, H = _f64(Wt), _f64(H)
+    A0 = Wt
+    R = np.zeros_like(Wt)
+    return _blocked(A0, Wt, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype)
+
+
+def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
+                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Merged form, blocked (X~ != X): twice the GEMM work of phase II (the W G part and the Q H part)."""
+    W, G, H = _f64(W), _f64(G), _f64(H)
+    d = np.diag(H)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(d != 0, np.diag(G) / np.where(d != 0, d, 1.0), 0.0)
+    A0 = np.ascontiguousarray(W * ratio)
+    B = np.zeros_like(W)  # E = -Q
+    R = np.zeros_like(W)
+    return _blocked(A0, B, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
+                    W=W, G=G)
+
+
+def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, block: int = DEFAULT_BLOCK,
+                  gemm_dtype=np.float64) -> np.ndarray:
+    """Phase I, blocked: pass 0 = blocked merged form with T = identity, C = 1; then Gauss-Seidel sweeps."""
+    from onnxspfq.operators import identity
+
+    W, G, H = _f64(W), _f64(G), _f64(H)
+    N1, N0 = W.shape
+    xi = np.zeros((N1, N0))
+    P = np.zeros((N1, 1, 1))
+    Wt, _ = blocked_merged(W, G, H, xi, 1.0, identity, P, max(N0, 1), block, gemm_dtype)
+    if passes > 1:
+        gw = W @ G.T  # gw[n, t] = G[t, :] . w_n
+        s = _scaled_diag(H, 1.0)
+        zeros = np.zeros_like(W)
+        upper = np.triu(H, 1).T
+        for _ in range(passes - 1):
+            R = gw - Wt @ upper  # sum_{j > t} H[t, j] w~_j (old values)
+            Wt, _ = _blocked(zeros, zeros, R, H, s, xi, identity, P, max(N0, 1), int(block), gemm_dtype)
+    return Wt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPTQ / OPTQ (Frantar et al.): nearest (or any T) with H^-1 error feedback, lazy blocked updates.
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=False)
+def _gptq_block(Wb, U, live, xi, T, P, bs, b0, b1, Q, V, Err):
+    N1 = Wb.shape[0]
+    nb = b1 - b0
+    for n in prange(N1):
+        for i in range(nb):
+            t = b0 + i
+            w = Wb[n, i]
+            q = T(w, xi[n, t], P[n, t // bs]) if live[t] else 0.0
+            Q[n, t] = q
+            V[n, t] = w
+            e = (w - q) / U[t, t]
+            Err[n, i] = e
+            for k in range(i + 1, nb):
+                Wb[n, k] -= e * U[t, b0 + k]
+
+
+def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray, T, P: np.ndarray, bs: int,
+                 block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0)."""
+    W = np.array(W, dtype=np.float64, copy=True)
+    U = _f64(U)
+    N1, N0 = W.shape
+    Q = np.empty((N1, N0))
+    V = np.empty((N1, N0))
+    live = np.ascontiguousarray(live, dtype=np.bool_)
+    xi, P = _f64(xi), _f64(P)
+    for b0 in range(0, N0, block):
+        b1 = min(b0 + block, N0)
+        Wb = np.ascontiguousarray(W[:, b0:b1])
+        Err = np.empty((N1, b1 - b0))
+        _gptq_block(Wb, U, live, xi, T, P, int(bs), b0, b1, Q, V, Err)
+        if b1 < N0:
+            W[:, b1:] -= Err @ U[b0:b1, b1:]
+    return Q, V
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)

@@ -1,0 +1,69 @@
+"""Per-layer and whole-model figures of a compression run: a readable table and JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from onnxspfq.evaluate import Agreement
+
+
+@dataclass
+class LayerReport:
+    """One compressed layer."""
+
+    name: str
+    op: str
+    shape: list[int]
+    bits: int
+    method: str
+    rel_error: float
+    clip_fraction: float
+    c_alpha: float | None
+    time_s: float
+    groups: int = 1
+
+
+@dataclass
+class Report:
+    """The whole run: layers, what was left alone, sizes and output agreement with the float model."""
+
+    model: str
+    output: str | None
+    config: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    size_before: int = 0
+    size_after: int = 0
+    agreement: Agreement | None = None
+    time_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["agreement"] = self.agreement.as_dict() if self.agreement else None
+        return d
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.as_dict(), f, indent=2)
+
+    def table(self) -> str:
+        """A plain-text table for the terminal."""
+        head = f"{'layer':<32} {'op':<6} {'shape':<18} {'bits':>4} {'method':<6} {'rel.err':>9} {'clip':>6} {'time s':>7}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = "x".join(map(str, r.shape))
+            rows.append(f"{r.name[:32]:<32} {r.op:<6} {shape[:18]:<18} {r.bits:>4} {r.method:<6} "
+                        f"{r.rel_error:>9.2e} {r.clip_fraction:>6.3f} {r.time_s:>7.2f}")
+        for s in self.skipped:
+            rows.append(f"{s['name'][:32]:<32} {s['op']:<6} left alone: {s['reason']}")
+        rows.append("-" * len(head))
+        ratio = self.size_before / self.size_after if self.size_after else float("nan")
+        rows.append(f"size: {self.size_before / 1e6:.3f} MB -> {self.size_after / 1e6:.3f} MB ({ratio:.2f}x smaller)")
+        if self.agreement is not None:
+            a = self.agreement
+            line = f"output vs float model on {a.samples} calibration samples: cosine {a.cosine:.5f}, rel.err {a.rel_error:.4f}"
+            if a.top1_agreement is not None:
+                line += f", top-1 agreement {100 * a.top1_agreement:.2f}%"
+            rows.append(line)
+        rows.append(f"total time: {self.time_s:.1f} s")
+        return "\n".join(rows)

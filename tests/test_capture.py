@@ -1,0 +1,253 @@
+"""capture.py and gram.im2col: im2col against onnxruntime's Conv, and the incremental per-segment capture against
+a naive full re-run of the modified model."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxspfq.capture import Capture, run_model
+from onnxspfq.graph import find_layers, fold_weight_chains
+from onnxspfq.gram import Grams, im2col
+
+RNG = np.random.default_rng(1)
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                     opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 9
+    onnx.checker.check_model(m)
+    return m
+
+
+def _vi(name, shape):
+    return h.make_tensor_value_info(name, TP.FLOAT, shape)
+
+
+def _run(m, feeds, outputs=None):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(outputs, feeds)
+
+
+# ------------------------------------------------------------------------------------------------------- im2col
+CONVS = {
+    "1d_stride_pads": dict(x=(2, 4, 11), w=(5, 4, 3), strides=[2], pads=[2, 1]),
+    "2d_stride_pads": dict(x=(2, 3, 9, 7), w=(4, 3, 3, 2), strides=[2, 1], pads=[1, 0, 2, 1]),
+    "2d_same_upper": dict(x=(1, 3, 9, 8), w=(4, 3, 3, 3), strides=[2, 2], auto_pad="SAME_UPPER"),
+    "2d_same_lower": dict(x=(1, 2, 7, 6), w=(3, 2, 2, 3), strides=[2, 3], auto_pad="SAME_LOWER"),
+    "2d_valid_dilated": dict(x=(2, 2, 9, 9), w=(3, 2, 3, 3), dilations=[2, 3], auto_pad="VALID"),
+    "2d_grouped": dict(x=(2, 6, 6, 6), w=(4, 3, 3, 3), group=2, pads=[1, 1, 1, 1], dilations=[1, 2]),
+    "2d_depthwise": dict(x=(2, 5, 7, 7), w=(5, 1, 3, 3), group=5, strides=[2, 2], pads=[1, 1, 1, 1]),
+    "1d_depthwise_mult": dict(x=(2, 3, 10), w=(6, 1, 4), group=3, auto_pad="SAME_UPPER", strides=[3]),
+    "3d": dict(x=(1, 2, 5, 4, 6), w=(3, 2, 2, 3, 2), strides=[1, 2, 2], pads=[0, 1, 1, 1, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_im2col_matches_onnxruntime_conv_per_group(name):
+    spec = dict(CONVS[name])
+    xs, ws = spec.pop("x"), spec.pop("w")
+    w, b = _w(*ws), _w(ws[0])
+    node = h.make_node("Conv", ["x", "W", "B"], ["y"], **spec)
+    m = _model([node], [_vi("x", list(xs))], [_vi("y", ["n"] * len(xs))],
+               [nh.from_array(w, "W"), nh.from_array(b, "B")])
+    (layer,), _ = find_layers(m)
+    x = _w(*xs)
+    y = _run(m, {"x": x})[0] - b.reshape((1, -1) + (1,) * (len(xs) - 2))
+    cols = im2col(x, layer.kernel_shape, layer.strides, layer.pads, layer.dilations)
+    W = layer.matrix()
+    rows = layer.group_rows()
+    assert len(rows) == layer.groups and cols.shape[1] == layer.groups * layer.n0
+    for g, r in enumerate(rows):
+        yg = cols[:, g * layer.n0:(g + 1) * layer.n0] @ W[r].T         # (N * positions, M / groups)
+        ref = np.moveaxis(y[:, r], 1, -1).reshape(-1, r.stop - r.start)
+        np.testing.assert_allclose(yg, ref, rtol=1e-4, atol=1e-4)
+    sub = np.array([0, 3, cols.shape[0] - 1])
+    np.testing.assert_array_equal(im2col(x, layer.kernel_shape, layer.strides, layer.pads, layer.dilations, sub),
+                                  cols[sub])
+
+
+# -------------------------------------------------------------------------------------------- a residual model
+def _residual_model():
+    """Conv -> Relu -> grouped Conv (SAME_UPPER) -> Relu -> Add(residual) -> depthwise Conv (stride 2) -> Relu ->
+    Reshape [N, 8, 16] -> MatMul W_mm (3-D input) -> MatMul W_mm again (shared) -> Flatten -> Gemm (transB)."""
+    nodes = [
+        h.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c1"], ["r1"]),
+        h.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", group=2, auto_pad="SAME_UPPER"),
+        h.make_node("Relu", ["c2"], ["r2"]),
+        h.make_node("Add", ["r2", "r1"], ["s"]),
+        h.make_node("Conv", ["s", "W3"], ["c3"], name="dw", group=8, strides=[2, 2], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c3"], ["r3"]),
+        h.make_node("Reshape", ["r3", "shape"], ["t"]),
+        h.make_node("MatMul", ["t", "W_mm"], ["m1"], name="mm"),
+        h.make_node("MatMul", ["m1", "W_mm"], ["m2"], name="mm_shared"),
+        h.make_node("Flatten", ["m2"], ["f"]),
+        h.make_node("Gemm", ["f", "W_g", "B_g"], ["y"], name="gemm", transB=1),
+    ]
+    inits = [nh.from_array(_w(8, 3, 3, 3), "W1"), nh.from_array(_w(8), "B1"),
+             nh.from_array(_w(8, 4, 3, 3) * 0.3, "W2"), nh.from_array(_w(8, 1, 3, 3), "W3"),
+             nh.from_array(np.array([0, 8, 16], dtype=np.int64), "shape"),
+             nh.from_array(_w(16, 16) * 0.3, "W_mm"), nh.from_array(_w(5, 128) * 0.1, "W_g"),
+             nh.from_array(_w(5), "B_g")]
+    return _model(nodes, [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 5])], inits)
+
+
+def _batches(n_batches=3, size=2):
+    return [{"x": _w(size, 3, 8, 8)} for _ in range(n_batches)]
+
+
+def _compress(w):
+    """A stand-in for a quantizer: a coarse grid, so X~ really differs from X downstream."""
+    step = np.abs(w).max() / 3
+    return (np.round(w / step) * step).astype(np.float32)
+
+
+def _naive_grams(model, layer, batches, weights):
+    """Layer input from the WHOLE modified model (layer inputs added as graph outputs, one run per batch)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend([onnx.ValueInfoProto(name=layer.input)])
+    outs_f = run_model(m, batches, None, output_names=[layer.input])
+    outs_c = run_model(m, batches, weights, output_names=[layer.input])
+    grams = [Grams(layer.n0) for _ in layer.group_rows()]
+    for (x,), (xt,) in zip(outs_f, outs_c):
+        if layer.op == "Conv":
+            pads = layer.pads if layer.pads is not None else layer.resolve_pads(x.shape[2:])
+            X = im2col(x, layer.kernel_shape, layer.strides, pads, layer.dilations)
+            Xt = im2col(xt, layer.kernel_shape, layer.strides, pads, layer.dilations)
+        elif layer.op == "Gemm":
+            X, Xt = (x.T, xt.T) if layer.trans_a else (x, xt)
+        else:
+            X, Xt = x.reshape(-1, layer.n0), xt.reshape(-1, layer.n0)
+        for g, gram in enumerate(grams):
+            cols = slice(g * layer.n0, (g + 1) * layer.n0)
+            gram.add(X[:, cols], Xt[:, cols])
+    return grams
+
+
+def _assert_grams_close(a, b, rtol=1e-6):
+    assert len(a) == len(b)
+    for ga, gb in zip(a, b):
+        assert ga.m == gb.m
+        for M in ("H", "G", "F"):
+            A, B = getattr(ga, M), getattr(gb, M)
+            err = float(np.abs(A - B).max() / max(np.abs(B).max(), 1e-30))
+            assert err <= rtol, f"{M}: relative difference {err:.3g}"
+
+
+def test_incremental_capture_equals_naive_rerun():
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    assert [la.name for la in layers] == ["conv1", "conv2", "dw", "mm", "gemm"]
+    assert layers[3].shared_with == ["mm_shared"] and [len(la.group_rows()) for la in layers] == [1, 2, 8, 1, 1]
+    batches = _batches()
+    cap = Capture(model, layers, batches, max_patches=None)
+    weights: dict[str, np.ndarray] = {}
+    for layer in layers:
+        got = cap.grams(layer, dict(weights))
+        ref = _naive_grams(model, layer, batches, weights)
+        _assert_grams_close(got, ref)
+        if weights:  # a compressed earlier layer really changes this input
+            assert not np.allclose(got[0].H, got[0].F)
+        weights[layer.weight] = layer.tensor(_compress(layer.matrix()))
+    # (the gemm comparison above covers the shared weight: the naive run replaces W_mm in BOTH MatMuls)
+    cap.close()
+
+
+def test_capture_resets_on_changed_weights_and_earlier_layer(tmp_path):
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    batches = _batches(2)
+    cap = Capture(model, layers, batches, max_patches=None, memory_limit_mb=0, spill_dir=str(tmp_path))
+    w1 = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix()))}
+    cap.grams(layers[0], {})
+    _assert_grams_close(cap.grams(layers[2], w1), _naive_grams(model, layers[2], batches, w1))
+    assert os.listdir(tmp_path) and os.listdir(os.path.join(tmp_path, os.listdir(tmp_path)[0]))  # spilled
+    w2 = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix()) * 0.5)}  # changed weight
+    _assert_grams_close(cap.grams(layers[3], w2), _naive_grams(model, layers[3], batches, w2))
+    _assert_grams_close(cap.grams(layers[1], w2), _naive_grams(model, layers[1], batches, w2))  # earlier layer
+    _assert_grams_close(cap.grams(layers[4], {}), _naive_grams(model, layers[4], batches, {}))
+    cap.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_patch_subsampling_same_rows_seeded():
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    batches = _batches(2)
+    a = Capture(model, layers, batches, max_patches=20, seed=3).grams(layers[1], {})
+    b = Capture(model, layers, batches, max_patches=20, seed=3).grams(layers[1], {})
+    c = Capture(model, layers, batches, max_patches=20, seed=4).grams(layers[1], {})
+    full = Capture(model, layers, batches, max_patches=None).grams(layers[1], {})
+    assert a[0].m == 2 * 20 and full[0].m == 2 * 2 * 64
+    for g in a:  # X~ = X here, and the same rows were kept in both
+        np.testing.assert_allclose(g.H, g.G, rtol=1e-12)  # (BLAS may round X^T X and X^T Y differently)
+        np.testing.assert_allclose(g.G, g.F, rtol=1e-12)
+    np.testing.assert_array_equal(a[1].H, b[1].H)
+    assert not np.array_equal(a[1].H, c[1].H)
+    w = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix()))}
+    cap = Capture(model, layers, batches, max_patches=20, seed=3)
+    sub = cap.grams(layers[1], w)
+    # the kept rows come from np.random.default_rng([seed, layer index, batch index])
+    ref = [Grams(layers[1].n0) for _ in range(2)]
+    (x,) = zip(*run_model(_with_output(model, "r1"), batches, None, ["r1"]))
+    (xt,) = zip(*run_model(_with_output(model, "r1"), batches, w, ["r1"]))
+    for bi in range(2):
+        rows = np.sort(np.random.default_rng([3, 1, bi]).choice(128, 20, replace=False))
+        L = layers[1]
+        X = im2col(x[bi], L.kernel_shape, L.strides, L.pads, L.dilations, rows)
+        Xt = im2col(xt[bi], L.kernel_shape, L.strides, L.pads, L.dilations, rows)
+        for g in range(2):
+            ref[g].add(X[:, g * L.n0:(g + 1) * L.n0], Xt[:, g * L.n0:(g + 1) * L.n0])
+    _assert_grams_close(sub, ref)
+
+
+def _with_output(model, name):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend([onnx.ValueInfoProto(name=name)])
+    return m
+
+
+def test_gemm_trans_a_and_3d_matmul_capture():
+    nodes = [h.make_node("Gemm", ["x", "Wa"], ["a"], name="ga", transA=1),     # x [4, 6] -> A^T [6, 4] @ [4, 5]
+             h.make_node("Tanh", ["a"], ["t"]),
+             h.make_node("Unsqueeze", ["t", "ax"], ["u"]),                      # [1, 6, 5]
+             h.make_node("MatMul", ["u", "Wb"], ["y"], name="mb")]
+    m = _model(nodes, [_vi("x", [4, 6])], [_vi("y", [1, 6, 3])],
+               [nh.from_array(_w(4, 5), "Wa"), nh.from_array(_w(5, 3), "Wb"),
+                nh.from_array(np.array([0], dtype=np.int64), "ax")])
+    layers, _ = find_layers(m)
+    batches = [{"x": _w(4, 6)} for _ in range(3)]
+    cap = Capture(m, layers, batches)
+    g0 = cap.grams(layers[0], {})
+    assert g0[0].m == 3 * 6 and g0[0].n0 == 4
+    X = np.concatenate([b["x"].T for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(g0[0].F, X.T @ X, rtol=1e-12)
+    w = {"Wa": _compress(layers[0].W0)}
+    _assert_grams_close(cap.grams(layers[1], w), _naive_grams(m, layers[1], batches, w))
+
+
+def test_run_model_replaces_weights():
+    model = _residual_model()
+    batches = _batches(2)
+    w = {"W_g": np.zeros((5, 128), np.float32)}
+    out = run_model(model, batches, w)
+    bias = nh.to_array([t for t in model.graph.initializer if t.name == "B_g"][0])
+    np.testing.assert_allclose(out[1][0], np.broadcast_to(bias, (2, 5)), rtol=1e-6)
+    plain = run_model(model, batches)
+    assert not np.allclose(plain[0][0], out[0][0])
+    with pytest.raises(ValueError, match="not an initializer"):
+        run_model(model, batches, {"nope": np.zeros(1)})

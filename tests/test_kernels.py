@@ -1,0 +1,173 @@
+"""Kernels: Gram and blocked forms reproduce the direct recursion (ALGORITHM.md Section 7), operator properties.
+
+Exactness note: the direct, Gram and blocked forms are mathematically identical but sum in different orders, so
+v agrees to ~1e-15 relative, not bit for bit. A rounding decision could flip only if xi (or a rounding midpoint)
+fell within ~1e-15 of v's fractional part; with float64 and these sizes/seeds that does not happen, so Q is
+asserted EXACTLY equal and v to 1e-9 (absolute, v is O(1)).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from onnxspfq import kernels as K
+from onnxspfq import operators as op
+from onnxspfq.config import QuantConfig
+from onnxspfq.gram import Grams
+from onnxspfq.methods import gpfq, layer_error, spfq
+
+OPS = {"stochastic": op.stochastic_round, "nearest": op.nearest_round, "binary": op.stochastic_binary}
+
+
+def _problem(seed: int = 0, m: int = 50, n0: int = 37, n1: int = 6):
+    """X~ != X, correlated columns, one column dead in both, one dead only in X~."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((m, n0)) @ (np.eye(n0) + 0.3 * rng.standard_normal((n0, n0)))
+    Xt = X + 0.2 * rng.standard_normal((m, n0))
+    X[:, 4] = 0.0
+    Xt[:, 4] = 0.0
+    Xt[:, 11] = 0.0
+    W = rng.standard_normal((n1, n0))
+    xi = rng.random((n1, n0))
+    return X, Xt, W, xi
+
+
+def _params(W, T_name: str, block: bool):
+    bits = 1 if T_name == "binary" else 3
+    c = 1.3 if bits == 1 else 0.8
+    scale, bs = op.step_sizes(W, bits, c, "block" if block else "channel", 8)
+    return op.grid_params(scale, bits), bs
+
+
+@pytest.mark.parametrize("C", [1.0, 2.5, 10.0])
+@pytest.mark.parametrize("T_name", ["stochastic", "nearest", "binary"])
+def test_merged_forms_equal_direct(C, T_name):
+    X, Xt, W, xi = _problem()
+    P, bs = _params(W, T_name, block=(T_name != "nearest"))
+    T = OPS[T_name]
+    G, H = Xt.T @ X, Xt.T @ Xt
+    Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
+    Qg, Vg = K.gram_merged(W, G, H, xi, C, T, P, bs)
+    Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=8)  # 37 columns: 4 full blocks + a ragged one
+    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb)
+    np.testing.assert_allclose(Vg, Vd, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9)
+    assert np.all(Qd[:, [4, 11]] == 0) and np.all(Vd[:, [4, 11]] == 0)  # dead columns of X~ get q = 0
+    assert np.count_nonzero(Qd) > Qd.size // 2  # a real quantization happened, not an all-zero output
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_alignment_forms_equal_direct(order):
+    X, Xt, W, _ = _problem(seed=1)
+    G, H = Xt.T @ X, Xt.T @ Xt
+    Wd = K.direct_align(W, X, Xt, order)
+    np.testing.assert_allclose(K.gram_align(W, G, H, order), Wd, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(K.blocked_align(W, G, H, order, block=8), Wd, rtol=0, atol=1e-9)
+    assert np.all(Wd[:, [4, 11]] == 0)
+    # more Gauss-Seidel passes never increase ||X w - X~ w~||^2 (it is a descent method)
+    if order > 1:
+        prev = K.direct_align(W, X, Xt, order - 1)
+        r_now = np.linalg.norm(X @ W.T - Xt @ Wd.T)
+        r_prev = np.linalg.norm(X @ W.T - Xt @ prev.T)
+        assert r_now <= r_prev + 1e-12
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+@pytest.mark.parametrize("C", [1.0, 2.5, 10.0])
+@pytest.mark.parametrize("T_name", ["stochastic", "nearest"])
+def test_two_phase_forms_equal_direct(order, C, T_name):
+    X, Xt, W, xi = _problem(seed=2)
+    P, bs = _params(W, T_name, block=False)
+    T = OPS[T_name]
+    G, H = Xt.T @ X, Xt.T @ Xt
+    Qd, Vd = K.direct_phase2(K.direct_align(W, X, Xt, order), Xt, xi, C, T, P, bs)
+    Wt = K.blocked_align(W, G, H, order, block=8)
+    Qg, Vg = K.gram_phase2(K.gram_align(W, G, H, order), H, xi, C, T, P, bs)
+    Qb, Vb = K.blocked_phase2(Wt, H, xi, C, T, P, bs, block=8)
+    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb)
+    np.testing.assert_allclose(Vg, Vd, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9)
+
+
+def test_large_C_is_independent_stochastic_rounding():
+    X, _, W, xi = _problem(seed=3)
+    P, bs = _params(W, "stochastic", block=False)
+    H = X.T @ X
+    Q, V = K.blocked_phase2(W, H, xi, 1e15, op.stochastic_round, P, bs, block=8)
+    live = np.diag(H) > 0
+    # independent stochastic rounding of each weight, written in numpy
+    d = P[:, 0, 0][:, None]
+    x = W / d
+    k = np.clip(np.floor(x) + (xi < x - np.floor(x)), -P[0, 0, 1], P[0, 0, 1])
+    assert np.array_equal(Q[:, live], (k * d)[:, live])
+    # and with C = 1 the error correction is active: the result differs
+    Q1, _ = K.blocked_phase2(W, H, xi, 1.0, op.stochastic_round, P, bs, block=8)
+    assert not np.array_equal(Q1, Q)
+
+
+def test_deterministic_C1_with_same_inputs_is_gpfq():
+    X, _, W, _ = _problem(seed=4)
+    cfg = QuantConfig(bits=4, c_alpha=1.0, operator="nearest", C=1.0)
+    Q_spfq, _ = spfq(W, Grams.from_data(X), cfg, np.random.default_rng(0))
+    Q_gpfq, _ = gpfq(W, Grams.from_data(X), cfg, np.random.default_rng(0))
+    # GPFQ as published (Zhang, Zhou, Saab): u_t = u_{t-1} + w_t X_t - q_t X_t, q_t = Q(<X_t, u_{t-1} + w_t X_t>/||X_t||^2)
+    delta = np.abs(W).max(axis=1) / 7
+    u = np.zeros((W.shape[0], X.shape[0]))
+    Qref = np.zeros_like(W)
+    for t in range(W.shape[1]):
+        x = X[:, t]
+        nrm = x @ x
+        if nrm == 0:
+            continue
+        v = (u @ x + W[:, t] * nrm) / nrm
+        Qref[:, t] = np.clip(np.rint(v / delta), -7, 7) * delta
+        u += np.outer(W[:, t] - Qref[:, t], x)
+    assert np.array_equal(Q_spfq, Qref)
+    assert np.array_equal(Q_gpfq, Qref)
+
+
+@pytest.mark.parametrize("v", [-0.93, -0.2, 0.0, 0.37, 1.43])
+def test_operators_unbiased(v):
+    rng = np.random.default_rng(5)
+    xi = rng.random(40000)
+    p_grid = np.array([0.5, 3.0])
+    p_bin = np.array([2.0, 1.0])
+    for T, p in ((op.stochastic_round, p_grid), (op.stochastic_binary, p_bin)):
+        s = np.array([T(v, x, p) for x in xi])
+        se = s.std() / np.sqrt(s.size) + 1e-12
+        assert abs(s.mean() - v) < 4 * se
+        assert np.all(np.abs(s - v) <= (p[0] if T is op.stochastic_round else 2 * p[0]))  # |T(v) - v| <= M
+    # values sit on the alphabet; outside the range T clips
+    assert op.stochastic_round(1.61, 0.0, p_grid) == 1.5
+    assert op.nearest_round(0.74, 0.0, p_grid) == 0.5 and op.nearest_round(9.0, 0.0, p_grid) == 1.5
+    assert op.stochastic_binary(5.0, 0.99, p_bin) == 2.0 and op.nearest_binary(-0.1, 0.0, p_bin) == -2.0
+
+
+def test_gram_error_formula_matches_direct():
+    X, Xt, W, xi = _problem(seed=6)
+    P, bs = _params(W, "stochastic", block=False)
+    Q, _ = K.direct_merged(W, X, Xt, xi, 1.0, op.stochastic_round, P, bs)
+    sq, rel = layer_error(W, Q, Grams.from_data(X, Xt))
+    direct = np.sum((X @ W.T - Xt @ Q.T) ** 2, axis=0)
+    np.testing.assert_allclose(sq, direct, rtol=1e-9)
+    np.testing.assert_allclose(rel, direct / np.sum((X @ W.T) ** 2, axis=0), rtol=1e-9)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+def test_same_seed_same_bytes_on_1_and_2_threads():
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((300, 200))
+    Xt = X + 0.1 * rng.standard_normal(X.shape)
+    W = rng.standard_normal((96, 200))
+    stats = Grams.from_data(X, Xt)
+    cfg = QuantConfig(bits=3, c_alpha=0.9, C=2.0)
+    before = numba.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            out.append(spfq(W, stats, cfg, np.random.default_rng(42))[0].tobytes())
+    finally:
+        numba.set_num_threads(before)
+    assert out[0] == out[1]

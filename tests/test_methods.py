@@ -1,0 +1,171 @@
+"""Methods (spfq, gpfq, gptq, rtn): codes/scales contract, errors, c_alpha choice, real-data quality vs RTN."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxspfq import kernels as K
+from onnxspfq import operators as op
+from onnxspfq.config import QuantConfig
+from onnxspfq.errors import OnnxspfqError
+from onnxspfq.gram import Grams
+from onnxspfq.methods import CANDIDATES, METHODS, LayerResult, layer_error, spfq
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason=f"real data missing: {FMNIST} "
+                                  "(apt-get install dataset-fashion-mnist)")
+
+
+def _fmnist(n: int) -> np.ndarray:
+    """The first n Fashion-MNIST training images as (n, 28, 28) floats in [0, 1] (idx3 format, 16-byte header)."""
+    with gzip.open(FMNIST) as f:
+        f.read(16)
+        return np.frombuffer(f.read(n * 784), np.uint8).reshape(n, 28, 28).astype(np.float64) / 255.0
+
+
+def _random_layer(seed=0, m=200, n0=48, n1=20, same=False):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((m, n0)) @ (np.eye(n0) + 0.3 * rng.standard_normal((n0, n0)))
+    X[:, 5] = 0.0
+    Xt = X if same else X + 0.1 * rng.standard_normal((m, n0))
+    if not same:
+        Xt[:, 5] = 0.0
+    W = rng.standard_normal((n1, n0))
+    return W, X, Xt, Grams.from_data(X, None if same else Xt)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("bits", [8, 4, 3, 2, 1])
+@pytest.mark.parametrize("granularity", ["channel", "layer", "block"])
+def test_codes_times_scale_is_Q_exactly(name, bits, granularity):
+    W, X, Xt, stats = _random_layer(seed=bits)
+    cfg = QuantConfig(bits=bits, granularity=granularity, block_size=10, C=3.0 if bits == 1 else 1.0)
+    Q, info = METHODS[name](W, stats, cfg, np.random.default_rng(0))
+    n1, n0 = W.shape
+    assert isinstance(info, LayerResult) and Q.dtype == np.float64 and Q.shape == W.shape
+    assert info.codes.dtype == np.int8 and info.codes.shape == W.shape and info.scale.dtype == np.float64
+    nblocks = -(-n0 // 10) if granularity == "block" else 1
+    assert info.scale.shape == (n1, nblocks) and info.block_size == (10 if granularity == "block" else n0)
+    assert np.array_equal(Q, info.codes * np.repeat(info.scale, info.block_size, axis=1)[:, :n0])
+    Kmax = cfg.levels
+    if bits == 1:
+        assert set(np.unique(info.codes)) <= {-1, 1}
+        assert np.allclose(info.scale[:, 0], info.c_alpha * np.abs(W).max(axis=1)) or granularity != "channel"
+    else:
+        assert np.abs(info.codes).max() <= Kmax
+        assert np.all(Q[:, 5] == 0) or name == "rtn"  # dead input column: q = 0 in data-aware methods
+    if granularity == "layer":
+        assert np.all(info.scale == info.scale[0, 0])
+    # reported errors are the exact Gram errors of the returned Q
+    sq, rel = layer_error(W, Q, stats)
+    np.testing.assert_allclose(info.sq_error, sq, rtol=1e-12)
+    np.testing.assert_allclose(info.rel_error, rel, rtol=1e-12)
+    direct = np.sum((X @ W.T - Xt @ Q.T) ** 2, axis=0)
+    np.testing.assert_allclose(info.sq_error, direct, rtol=1e-8, atol=1e-9 * direct.max())
+    assert 0.0 <= info.clip_fraction <= 1.0 and info.method == name
+    assert info.c_alpha in (CANDIDATES.get(bits, ()) + (1.0, 1.25, 1.5, 2.0, 0.3, 0.45, 0.6, 0.8))
+
+
+def test_c_alpha_explicit_and_search():
+    W, _, _, stats = _random_layer(seed=1, n1=100)  # N1 > SEARCH_ROWS: search on a row subset, then full run
+    Q1, info1 = spfq(W, stats, QuantConfig(bits=4, c_alpha=0.77), np.random.default_rng(0))
+    assert info1.c_alpha == 0.77
+    np.testing.assert_allclose(info1.scale[:, 0], 0.77 * np.abs(W).max(axis=1) / 7)
+    _, info2 = spfq(W, stats, QuantConfig(bits=4), np.random.default_rng(0))
+    assert info2.c_alpha in CANDIDATES[4]
+    # the choice is the best candidate on the search rows: check against running each candidate on all rows
+    full = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c), np.random.default_rng(0))[1].sq_error.sum()
+            for c in CANDIDATES[4]}
+    assert full[info2.c_alpha] <= 1.25 * min(full.values())
+
+
+def test_seed_reproducible_and_stochastic():
+    W, _, _, stats = _random_layer(seed=2)
+    cfg = QuantConfig(bits=3, c_alpha=0.9)
+    a = spfq(W, stats, cfg, np.random.default_rng(1))[0]
+    b = spfq(W, stats, cfg, np.random.default_rng(1))[0]
+    c = spfq(W, stats, cfg, np.random.default_rng(2))[0]
+    assert a.tobytes() == b.tobytes() and not np.array_equal(a, c)
+
+
+def test_two_phase_and_perfect_alignment_run_and_align():
+    W, X, Xt, stats = _random_layer(seed=3, m=300)
+    for cfg in (QuantConfig(bits=4, c_alpha=1.0, order=3), QuantConfig(bits=4, c_alpha=1.0, perfect_alignment=True)):
+        Q, info = spfq(W, stats, cfg, np.random.default_rng(0))
+        assert np.all(np.isfinite(info.rel_error)) and info.rel_error.mean() < 0.1
+    # spfq with order r equals the direct two-phase reference (same xi drawn from the same seed)
+    cfg = QuantConfig(bits=4, c_alpha=1.0, order=2, C=2.5)
+    Q, _ = spfq(W, stats, cfg, np.random.default_rng(9))
+    scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
+    xi = np.random.default_rng(9).random(W.shape)
+    Qd, _ = K.direct_phase2(K.direct_align(W, X, Xt, 2), Xt, xi, 2.5, op.stochastic_round, op.grid_params(scale, 4), bs)
+    assert np.array_equal(Q, Qd)
+
+
+def test_bad_input_raises_one_line_errors():
+    W, _, _, stats = _random_layer()
+    cfg = QuantConfig(bits=4, c_alpha=1.0)
+    with pytest.raises(OnnxspfqError, match="input columns"):
+        spfq(W[:, :-1], stats, cfg, np.random.default_rng(0))
+    bad = W.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(OnnxspfqError, match="NaN"):
+        spfq(bad, stats, cfg, np.random.default_rng(0))
+    with pytest.raises(OnnxspfqError, match="Generator"):
+        spfq(W, stats, cfg, 0)
+    with pytest.raises(OnnxspfqError, match="not positive definite"):
+        METHODS["gptq"](W, Grams.from_data(np.ones((3, W.shape[1]))), QuantConfig(bits=4, damp=0.0),
+                        np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real layer inputs: Fashion-MNIST images.
+# ---------------------------------------------------------------------------------------------------------------
+
+@needs_fmnist
+@pytest.mark.parametrize("same", [True, False])
+def test_real_images_path_following_beats_rtn(same):
+    """Rows = 1200 real 28x28 images (N0 = 784, with always-black pixels); W = the top 32 principal directions.
+
+    X~ != X case: the input as seen after an earlier 3-bit quantization (pixels rounded to 8 levels).
+    """
+    X = _fmnist(1200).reshape(1200, 784)
+    Xt = X if same else np.round(X * 7) / 7
+    W = np.linalg.svd(X - X.mean(axis=0), full_matrices=False)[2][:32]
+    stats = Grams.from_data(X, None if same else Xt)
+    assert np.any(np.diag(stats.H) == 0)  # real data has dead columns; they are exercised here
+    for bits in (4, 3, 2):
+        cfg = QuantConfig(bits=bits)
+        err = {name: f(W, stats, cfg, np.random.default_rng(0))[1].sq_error.sum() for name, f in METHODS.items()}
+        for name in ("spfq", "gpfq", "gptq"):
+            assert err[name] < err["rtn"], (bits, err)
+    # 1-bit end to end on real data with damped correction (C = 2): codes +-1 and still better than RTN
+    cfg = QuantConfig(bits=1, C=2.0)
+    Q, info = spfq(W, stats, cfg, np.random.default_rng(0))
+    _, info_rtn = METHODS["rtn"](W, stats, cfg, np.random.default_rng(0))
+    assert set(np.unique(info.codes)) == {-1, 1} and info.sq_error.sum() < info_rtn.sq_error.sum()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("C", [1.0, 2.5, 10.0])
+def test_real_patches_blocked_equals_direct(C):
+    """Forms agree on real layer inputs: 6x6 patches (im2col, stride 3) of real images, W from a least-squares fit."""
+    img = _fmnist(12)
+    patches = np.lib.stride_tricks.sliding_window_view(img, (6, 6), axis=(1, 2))[:, ::3, ::3]
+    X = patches.reshape(-1, 36)  # 12 images x 8 x 8 positions = 768 rows, includes all-black columns
+    Xt = np.round(X * 7) / 7
+    rng = np.random.default_rng(0)
+    target = X @ rng.standard_normal((36, 8)) + 0.1 * rng.standard_normal((X.shape[0], 8))
+    W = np.linalg.lstsq(X + 1e-3 * rng.standard_normal(X.shape), target, rcond=None)[0].T  # (8, 36)
+    G, H = Xt.T @ X, Xt.T @ Xt
+    xi = rng.random(W.shape)
+    for T, bits in ((op.stochastic_round, 4), (op.stochastic_binary, 1)):
+        scale, bs = op.step_sizes(W, bits, 1.0, "channel", 1)
+        P = op.grid_params(scale, bits)
+        Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
+        Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16)
+        assert np.array_equal(Qd, Qb)
+        np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9 * max(1.0, np.abs(Vd).max()))
