@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 256  # columns per cross-block GEMM update
+DEFAULT_INNER = 32  # columns per sequential Numba sweep inside a block
 
 
 @njit(cache=False, inline="always")
@@ -274,12 +275,17 @@ def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E):
                 r[k] += e * H[t, b0 + k]
 
 
-def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None):
-    """Run the engine over all blocks. With W, G given (merged form) the W-part of the correction is added too."""
+def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, inner=None):
+    """Run the engine over all blocks. With W, G given (merged form) the W-part of the correction is added too.
+
+    Two levels: outer blocks of `block` columns get their cross-block correction as one large GEMM; inside an
+    outer block, sub-blocks of `inner` columns run the sequential Numba sweep and update the rest of the outer
+    block with a small GEMM. This keeps the O(N1 * N0 * inner) non-GEMM work small.
+    """
     N1, N0 = A0.shape
-    Q = np.empty((N1, N0))
-    V = np.empty((N1, N0))
-    E = np.empty((N1, N0))
+    inner = DEFAULT_INNER if inner is None else int(inner)
+    inner = max(1, min(inner, block))
+    Q, V, E = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
     f32 = np.dtype(gemm_dtype) == np.float32
     Hg = H.astype(np.float32) if f32 else H
     Gg = G.astype(np.float32) if (f32 and G is not None) else G
@@ -287,7 +293,11 @@ def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None):
         b1 = min(b0 + block, N0)
         if G is not None:  # in-block part of sum_{j<t} W[:, j] G[t, j]
             R[:, b0:b1] += W[:, b0:b1] @ np.tril(G[b0:b1, b0:b1], -1).T
-        _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E)
+        for s0 in range(b0, b1, inner):
+            s1 = min(s0 + inner, b1)
+            _sweep_block(A0, B, R, H, s, xi, T, P, bs, s0, s1, Q, V, E)
+            if s1 < b1:
+                R[:, s1:b1] += E[:, s0:s1] @ H[s0:s1, s1:b1]
         if b1 < N0:
             if f32:
                 upd = E[:, b0:b1].astype(np.float32) @ Hg[b0:b1, b1:]
@@ -306,7 +316,8 @@ def _scaled_diag(H: np.ndarray, C: float) -> np.ndarray:
 
 
 def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray, bs: int,
-                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64,
+                   inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
     """Phase II, blocked: equal to gram_phase2 up to summation order; cross-block updates run as GEMM.
 
     gemm_dtype=np.float32 runs the cross-block GEMMs in float32 (about 2x faster; corrections then carry
@@ -314,26 +325,28 @@ def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P
     """
     Wt, H = _f64(Wt), _f64(H)
     A0 = Wt
-    R = np.zeros_like(Wt)
-    return _blocked(A0, Wt, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype)
+    R = _touched(Wt.shape)
+    return _blocked(A0, Wt, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
+                    inner=inner)
 
 
 def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64,
+                   inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
     """Merged form, blocked (X~ != X): twice the GEMM work of phase II (the W G part and the Q H part)."""
     W, G, H = _f64(W), _f64(G), _f64(H)
     d = np.diag(H)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(d != 0, np.diag(G) / np.where(d != 0, d, 1.0), 0.0)
     A0 = np.ascontiguousarray(W * ratio)
-    B = np.zeros_like(W)  # E = -Q
-    R = np.zeros_like(W)
+    B = _touched(W.shape)  # E = -Q
+    R = _touched(W.shape)
     return _blocked(A0, B, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
-                    W=W, G=G)
+                    W=W, G=G, inner=inner)
 
 
 def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, block: int = DEFAULT_BLOCK,
-                  gemm_dtype=np.float64) -> np.ndarray:
+                  gemm_dtype=np.float64, inner: int = DEFAULT_INNER) -> np.ndarray:
     """Phase I, blocked: pass 0 = blocked merged form with T = identity, C = 1; then Gauss-Seidel sweeps."""
     from onnxspfq.operators import identity
 
@@ -341,7 +354,7 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
     N1, N0 = W.shape
     xi = np.zeros((N1, N0))
     P = np.zeros((N1, 1, 1))
-    Wt, _ = blocked_merged(W, G, H, xi, 1.0, identity, P, max(N0, 1), block, gemm_dtype)
+    Wt, _ = blocked_merged(W, G, H, xi, 1.0, identity, P, max(N0, 1), block, gemm_dtype, inner)
     if passes > 1:
         gw = W @ G.T  # gw[n, t] = G[t, :] . w_n
         s = _scaled_diag(H, 1.0)
@@ -349,7 +362,8 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
         upper = np.triu(H, 1).T
         for _ in range(passes - 1):
             R = gw - Wt @ upper  # sum_{j > t} H[t, j] w~_j (old values)
-            Wt, _ = _blocked(zeros, zeros, R, H, s, xi, identity, P, max(N0, 1), int(block), gemm_dtype)
+            Wt, _ = _blocked(zeros, zeros, R, H, s, xi, identity, P, max(N0, 1), int(block), gemm_dtype,
+                             inner=inner)
     return Wt
 
 
@@ -358,40 +372,54 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=False)
-def _gptq_block(Wb, U, live, xi, T, P, bs, b0, b1, Q, V, Err):
-    N1 = Wb.shape[0]
+def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err):
+    N1 = W.shape[0]
     nb = b1 - b0
     for n in prange(N1):
         for i in range(nb):
             t = b0 + i
-            w = Wb[n, i]
+            w = W[n, t]
             q = T(w, xi[n, t], P[n, t // bs]) if live[t] else 0.0
             Q[n, t] = q
             V[n, t] = w
             e = (w - q) / U[t, t]
-            Err[n, i] = e
+            Err[n, t] = e
             for k in range(i + 1, nb):
-                Wb[n, k] -= e * U[t, b0 + k]
+                W[n, b0 + k] -= e * U[t, b0 + k]
 
 
 def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray, T, P: np.ndarray, bs: int,
-                 block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0)."""
+                 block: int = DEFAULT_BLOCK, inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0).
+
+    Same two-level blocking as the path-following engine: sequential Numba sweeps over `inner` columns, small
+    GEMMs inside a `block`, one large GEMM per block for the remaining columns.
+    """
     W = np.array(W, dtype=np.float64, copy=True)
     U = _f64(U)
     N1, N0 = W.shape
-    Q = np.empty((N1, N0))
-    V = np.empty((N1, N0))
+    inner = max(1, min(int(inner), int(block)))
+    Q, V, Err = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
     live = np.ascontiguousarray(live, dtype=np.bool_)
     xi, P = _f64(xi), _f64(P)
     for b0 in range(0, N0, block):
         b1 = min(b0 + block, N0)
-        Wb = np.ascontiguousarray(W[:, b0:b1])
-        Err = np.empty((N1, b1 - b0))
-        _gptq_block(Wb, U, live, xi, T, P, int(bs), b0, b1, Q, V, Err)
+        for s0 in range(b0, b1, inner):
+            s1 = min(s0 + inner, b1)
+            _gptq_block(W, U, live, xi, T, P, int(bs), s0, s1, Q, V, Err)
+            if s1 < b1:
+                W[:, s1:b1] -= Err[:, s0:s1] @ U[s0:s1, s1:b1]
         if b1 < N0:
-            W[:, b1:] -= Err @ U[b0:b1, b1:]
+            W[:, b1:] -= Err[:, b0:b1] @ U[b0:b1, b1:]
     return Q, V
+
+
+def _touched(shape) -> np.ndarray:
+    """A zero array whose pages are already mapped. Lazily mapped pages (np.empty / np.zeros of large arrays)
+    made every column-slice sweep pay page faults inside the parallel loop (measured ~10x slower sweeps)."""
+    a = np.empty(shape)
+    a.fill(0.0)
+    return a
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
