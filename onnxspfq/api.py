@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxspfq.calib import load_calibration
+from onnxspfq.calib import ImagePreprocess, load_calibration
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit_qdq import emit
@@ -73,11 +73,13 @@ def _weighted_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
 
 
 def compress(model_path: str, calib, output: str | None = None, config: CompressConfig | None = None,
-             report_path: str | None = None, progress: bool = True) -> CompressionResult:
+             report_path: str | None = None, progress: bool = True,
+             image_preprocess: ImagePreprocess | None = None) -> CompressionResult:
     """Compress every MatMul / Gemm / Conv with a constant weight of `model_path`, layer by layer in topological
     order, from calibration data `calib` (a path or an onnxruntime CalibrationDataReader).
 
     Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given.
+    `image_preprocess` says how a folder of images becomes input tensors (see calib.ImagePreprocess).
     """
     config = config or CompressConfig()
     t_start = time.perf_counter()
@@ -87,7 +89,8 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
     layers, skipped = find_layers(model, skip=config.skip)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
-    batches = load_calibration(calib, model, samples=config.samples, batch_size=config.batch_size)
+    batches = load_calibration(calib, model, samples=config.samples, batch_size=config.batch_size,
+                               image_preprocess=image_preprocess)
 
     capture = Capture(model, layers, batches, max_patches=config.max_patches, seed=config.seed, progress=progress)
     weights: dict[str, np.ndarray] = {}

@@ -166,7 +166,7 @@ def _read_images(files: list[Path], specs: list[InputSpec], pre: ImagePreprocess
     hw = (shp[2], shp[3]) if pre.layout == "NCHW" else (shp[1], shp[2])
     size = pre.size or (hw if None not in hw else None)
     if size is None:
-        raise OnnxspfqError("the model's image height/width are dynamic: set ImagePreprocess(size=(H, W))")
+        raise OnnxspfqError("the model's image height/width are dynamic: give the size with --image-size H W (ImagePreprocess(size=(H, W)) in Python)")
     channels = shp[chan_axis] or len(pre.mean)
     if channels not in (1, 3):
         raise OnnxspfqError(f"image calibration supports 1 or 3 channels, the model wants {channels}")

@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="qdq", choices=FORMATS, help="qdq: DequantizeLinear on packed integers; "
                    "float: de-quantized float weights (for inspection)")
     c.add_argument("--report", default=None, help="write the JSON report here")
+    c.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H W "
+                   "(default: the model input's static size)")
+    c.add_argument("--image-mean", type=float, nargs="+", default=[0.0], help="images: per-channel mean subtracted "
+                   "after scaling pixels by 1/255 (ImageNet: 0.485 0.456 0.406)")
+    c.add_argument("--image-std", type=float, nargs="+", default=[1.0], help="images: per-channel std divided by "
+                   "(ImageNet: 0.229 0.224 0.225)")
+    c.add_argument("--image-layout", default="NCHW", choices=("NCHW", "NHWC"), help="images: input layout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
 
     e = sub.add_parser("evaluate", help="compare a compressed model with its float original on data")
@@ -64,7 +71,12 @@ def _compress(a: argparse.Namespace) -> None:
                         block_size=a.block_size, order=a.order, perfect_alignment=a.perfect_alignment, damp=a.damp)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
                             max_patches=a.max_patches, skip=tuple(a.skip), format=a.format)
-    result = compress(a.model, a.calib, output=a.output, config=config, report_path=a.report, progress=not a.quiet)
+    from onnxspfq.calib import ImagePreprocess
+
+    image = ImagePreprocess(size=tuple(a.image_size) if a.image_size else None, mean=tuple(a.image_mean),
+                            std=tuple(a.image_std), layout=a.image_layout)
+    result = compress(a.model, a.calib, output=a.output, config=config, report_path=a.report, progress=not a.quiet,
+                      image_preprocess=image)
     if not a.quiet:
         print(result.report.table())
     print(f"wrote {a.output}")

@@ -50,7 +50,9 @@ def test_merged_forms_equal_direct(C, T_name):
     Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
     Qg, Vg = K.gram_merged(W, G, H, xi, C, T, P, bs)
     Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=8)  # 37 columns: 4 full blocks + a ragged one
-    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb)
+    Q2, V2 = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16, inner=5)  # two-level: ragged sub-blocks
+    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb) and np.array_equal(Qd, Q2)
+    np.testing.assert_allclose(V2, Vd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(Vg, Vd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9)
     assert np.all(Qd[:, [4, 11]] == 0) and np.all(Vd[:, [4, 11]] == 0)  # dead columns of X~ get q = 0
@@ -64,6 +66,7 @@ def test_alignment_forms_equal_direct(order):
     Wd = K.direct_align(W, X, Xt, order)
     np.testing.assert_allclose(K.gram_align(W, G, H, order), Wd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(K.blocked_align(W, G, H, order, block=8), Wd, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(K.blocked_align(W, G, H, order, block=16, inner=3), Wd, rtol=0, atol=1e-9)
     assert np.all(Wd[:, [4, 11]] == 0)
     # more Gauss-Seidel passes never increase ||X w - X~ w~||^2 (it is a descent method)
     if order > 1:
@@ -85,7 +88,8 @@ def test_two_phase_forms_equal_direct(order, C, T_name):
     Wt = K.blocked_align(W, G, H, order, block=8)
     Qg, Vg = K.gram_phase2(K.gram_align(W, G, H, order), H, xi, C, T, P, bs)
     Qb, Vb = K.blocked_phase2(Wt, H, xi, C, T, P, bs, block=8)
-    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb)
+    Q2, _ = K.blocked_phase2(Wt, H, xi, C, T, P, bs, block=16, inner=4)
+    assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb) and np.array_equal(Qd, Q2)
     np.testing.assert_allclose(Vg, Vd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9)
 
