@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", default=None, help=".npy of integer class labels (default: the data .npz's 'labels')")
     e.add_argument("--samples", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--output", default=None, metavar="NAME", help="which model output to compare (default: the first)")
+    e.add_argument("--task", default="auto", choices=("auto", "classify", "embed"), help="classify: top-1/top-5 and "
+                   "top-1 agreement; embed: per-sample cosine and k-nearest-neighbour retrieval agreement; auto: embed "
+                   "when the output name says embed/hidden/pool or its rows have unit norm, else classify")
+    e.add_argument("--k", type=int, default=10, help="embed: neighbours compared per sample (overlap@k)")
     e.add_argument("--json", default=None, help="write the figures here as JSON")
 
     i = sub.add_parser("inspect", help="list the layers compress would touch")
@@ -86,7 +91,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     from onnxspfq.evaluate import evaluate_files
 
     agreement = evaluate_files(a.float_model, a.compressed_model, a.data, labels=a.labels, samples=a.samples,
-                               batch_size=a.batch_size)
+                               batch_size=a.batch_size, output=a.output, task=a.task, k=a.k)
     figures = agreement.as_dict()
     for k, v in figures.items():
         if v is not None:

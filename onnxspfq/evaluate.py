@@ -1,4 +1,15 @@
-"""Output agreement between a float model and its compressed version, on the same inputs."""
+"""Output agreement between a float model and its compressed version, on the same inputs.
+
+Two kinds of output are understood (`task`):
+- classify: rows x classes logits; top-1 agreement with the float model and, with labels, top-1 / top-5 accuracy.
+- embed: one embedding per sample (any trailing shape, flattened); mean per-sample cosine similarity and retrieval
+  agreement: for each sample its k nearest neighbours (cosine, itself excluded) among the evaluated samples under
+  the float embeddings vs under the compressed ones (mean overlap@k), whether the nearest neighbour is the same
+  (top-1 neighbour agreement), and the mean rank, under the compressed embeddings, of the float nearest neighbour
+  (1.0 = always ranked first).
+"auto" picks embed when the output's name says so ("embed", "hidden", "pool") or every float row has unit L2 norm,
+and classify otherwise.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,7 +19,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxspfq.errors import OnnxspfqError
 from onnxspfq.io import session_options
+
+TASKS = ("auto", "classify", "embed")
+EMBED_NAME_HINTS = ("embed", "hidden", "pool")
+_CHUNK = 1024  # rows of the similarity matrix held at once in the neighbour metrics
 
 
 def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
@@ -17,16 +33,27 @@ def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
     return ort.InferenceSession(src, sess_options=session_options(), providers=["CPUExecutionProvider"])
 
 
-def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """All outputs of `model` on all batches, concatenated along the batch axis (one array per output)."""
+def _output_names(sess: ort.InferenceSession) -> list[str]:
+    return [o.name for o in sess.get_outputs()]
+
+
+def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
+        outputs: list[str] | None = None) -> list[np.ndarray]:
+    """Outputs of `model` (all, or those named in `outputs`) on all batches, concatenated along the batch axis."""
     sess = session(model)
-    per_batch = [sess.run(None, feeds) for feeds in batches]
+    if outputs is not None:
+        names = _output_names(sess)
+        missing = [o for o in outputs if o not in names]
+        if missing:
+            raise OnnxspfqError(f"the model has no output named {', '.join(missing)}; its outputs are "
+                                f"{', '.join(names)}: pass one of those")
+    per_batch = [sess.run(outputs, feeds) for feeds in batches]
     return [np.concatenate([b[i] for b in per_batch], axis=0) for i in range(len(per_batch[0]))]
 
 
 @dataclass
 class Agreement:
-    """How far the compressed model's first output is from the float model's."""
+    """How far the compressed model's output is from the float model's (see the module docstring)."""
 
     cosine: float
     rel_error: float
@@ -36,6 +63,14 @@ class Agreement:
     top5_accuracy_float: float | None = None
     top5_accuracy_compressed: float | None = None
     samples: int = 0
+    task: str = "classify"
+    output: str | None = None
+    sample_cosine: float | None = None  # mean over samples of cos(float row, compressed row)
+    sample_cosine_min: float | None = None
+    neighbours_k: int | None = None
+    overlap_at_k: float | None = None
+    nn1_agreement: float | None = None
+    nn1_rank_mean: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,21 +81,107 @@ def _topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
-    """Cosine similarity and relative L2 error over the whole output; top-1 agreement / top-k accuracy for
-    classifier-shaped outputs (rows x classes)."""
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.where(n > 0, n, 1.0)
+
+
+def sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per-sample cosine similarity of two (N, D) arrays (1 where both rows are zero, 0 where only one is)."""
+    nr, no = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
+    dot = np.einsum("ij,ij->i", ref, out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where((nr > 0) & (no > 0), dot / (nr * no), np.where((nr == 0) & (no == 0), 1.0, 0.0))
+    return np.clip(cos, -1.0, 1.0)
+
+
+def neighbour_agreement(ref: np.ndarray, out: np.ndarray, k: int = 10) -> tuple[int, float, float, float]:
+    """Retrieval agreement of two embedding sets (N, D) over the same N samples.
+
+    For each sample i: its k nearest other samples by cosine under `ref` and under `out`. Returns (k used,
+    mean |overlap| / k, fraction of samples whose nearest neighbour is the same, mean rank under `out` of the
+    nearest neighbour under `ref`, 1-based). k is capped at N - 1; N must be >= 2.
+    """
+    n = len(ref)
+    if n < 2:
+        raise OnnxspfqError(f"neighbour metrics need at least 2 samples, got {n}: evaluate on more samples")
+    if k < 1:
+        raise OnnxspfqError(f"k must be >= 1, got {k}")
+    k = min(k, n - 1)
+    R, Q = _unit_rows(ref), _unit_rows(out)
+    overlap = np.empty(n)
+    same1 = np.empty(n, dtype=bool)
+    rank1 = np.empty(n)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        idx = np.arange(lo, hi)
+        Sr, Sq = R[lo:hi] @ R.T, Q[lo:hi] @ Q.T
+        Sr[idx - lo, idx] = -np.inf
+        Sq[idx - lo, idx] = -np.inf
+        top_r = _topk(Sr, k)
+        top_q = _topk(Sq, k)
+        overlap[lo:hi] = (top_r[:, :, None] == top_q[:, None, :]).any(-1).sum(-1) / k
+        nn_r = top_r[:, 0]
+        same1[lo:hi] = nn_r == top_q[:, 0]
+        target = Sq[np.arange(hi - lo), nn_r]
+        rank1[lo:hi] = 1 + np.sum(Sq > target[:, None], axis=1)
+    return k, float(overlap.mean()), float(same1.mean()), float(rank1.mean())
+
+
+def _topk(S: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k largest values, largest first (ties: lower index first)."""
+    part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]), (len(S), 1))
+    vals = np.take_along_axis(S, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def resolve_task(task: str, ref: np.ndarray, output_name: str | None = None, labels: np.ndarray | None = None) -> str:
+    """The task for `auto`: embed when the output name hints at an embedding or every float row has unit norm."""
+    if task not in TASKS:
+        raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if task != "auto":
+        return task
+    if labels is not None:
+        return "classify"
+    name = (output_name or "").lower()
+    if any(h in name for h in EMBED_NAME_HINTS):
+        return "embed"
+    flat = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    if flat.shape[1] > 1 and len(flat) > 0 and np.allclose(np.linalg.norm(flat, axis=1), 1.0, atol=1e-3):
+        return "embed"
+    return "classify"
+
+
+def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None, task: str = "classify",
+            k: int = 10, output_name: str | None = None) -> Agreement:
+    """Cosine similarity and relative L2 error over the whole output, mean per-sample cosine, plus
+    - classify: top-1 agreement and, with labels, top-1 / top-5 accuracy (rows x classes outputs);
+    - embed: neighbour retrieval agreement (see neighbour_agreement), no top-1 agreement.
+    `task` may be "auto" (see resolve_task)."""
+    task = resolve_task(task, ref, output_name, labels)
+    if ref.shape != out.shape:
+        raise OnnxspfqError(f"the two models' outputs have different shapes {ref.shape} and {out.shape}: "
+                            "compare a model with its own compressed version")
     ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
     out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
     r, o = ref.ravel(), out.ravel()
     denom = np.linalg.norm(r) * np.linalg.norm(o)
     cosine = float(r @ o / denom) if denom > 0 else float(np.array_equal(r, o))
     rel = float(np.linalg.norm(r - o) / max(np.linalg.norm(r), 1e-30))
-    agree = None
+    cos_rows = sample_cosines(ref, out)
+    res = Agreement(cosine=cosine, rel_error=rel, top1_agreement=None, samples=len(ref), task=task,
+                    output=output_name, sample_cosine=float(cos_rows.mean()), sample_cosine_min=float(cos_rows.min()))
+    if task == "embed":
+        if len(ref) >= 2:
+            res.neighbours_k, res.overlap_at_k, res.nn1_agreement, res.nn1_rank_mean = neighbour_agreement(ref, out, k)
+        return res
     if ref.shape[1] > 1:
-        agree = float(np.mean(ref.argmax(1) == out.argmax(1)))
-    res = Agreement(cosine=cosine, rel_error=rel, top1_agreement=agree, samples=len(ref))
+        res.top1_agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
     if labels is not None and ref.shape[1] > 1:
         labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        if len(labels) != len(ref):
+            raise OnnxspfqError(f"{len(labels)} labels for {len(ref)} samples: give one label per sample")
         res.top1_accuracy_float = _topk_accuracy(ref, labels, 1)
         res.top1_accuracy_compressed = _topk_accuracy(out, labels, 1)
         if ref.shape[1] >= 5:
@@ -69,21 +190,35 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) 
     return res
 
 
+def _first_output(model: onnx.ModelProto | str) -> str:
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+    return m.graph.output[0].name
+
+
 def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelProto | str,
-             batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None) -> Agreement:
-    """Run both models on the same batches and compare their first outputs."""
-    ref = run(float_model, batches)[0]
-    out = run(compressed_model, batches)[0]
-    return compare(ref, out, labels)
+             batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None, output: str | None = None,
+             task: str = "auto", k: int = 10) -> Agreement:
+    """Run both models on the same batches and compare output `output` (default: the float model's first)."""
+    if task not in TASKS:
+        raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    name = output or _first_output(float_model)
+    ref = run(float_model, batches, [name])[0]
+    out = run(compressed_model, batches, [name])[0]
+    return compare(ref, out, labels, task=task, k=k, output_name=name)
 
 
 def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str | None = None,
-                   samples: int | None = None, batch_size: int = 64) -> Agreement:
-    """`onnxspfq evaluate`: both models on the inputs in `data`; labels from `labels` (.npy) or data's 'labels'."""
-    from onnxspfq.calib import load_calibration
-    from onnxspfq.errors import OnnxspfqError
+                   samples: int | None = None, batch_size: int = 64, output: str | None = None,
+                   task: str = "auto", k: int = 10) -> Agreement:
+    """`onnxspfq evaluate`: both models on the inputs in `data`; labels from `labels` (.npy) or data's 'labels'.
+
+    An .npz may hold keys besides the model inputs (e.g. stored reference outputs): those are ignored.
+    """
+    from onnxspfq.calib import load_calibration, model_inputs
     from onnxspfq.graph import load_model
 
+    if task not in TASKS:
+        raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     float_model = load_model(float_path)
     load_model(compressed_path)  # clear errors for a bad second file too
     source: object = data
@@ -91,10 +226,13 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
     if str(data).endswith(".npz"):
         try:
             with np.load(data) as z:
-                arrays = {k: z[k] for k in z.files}
+                arrays = {k_: z[k_] for k_ in z.files}
         except (OSError, ValueError) as err:
             raise OnnxspfqError(f"cannot read data file {data}: {err}") from None
         y = arrays.pop("labels", None)
+        inputs = {s.name for s in model_inputs(float_model)}
+        if inputs <= set(arrays):  # else load_calibration names the missing input
+            arrays = {k_: v for k_, v in arrays.items() if k_ in inputs}
         source = arrays
     if labels is not None:
         try:
@@ -107,4 +245,9 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
         if len(y) < n:
             raise OnnxspfqError(f"{len(y)} labels for {n} samples: give one label per sample")
         y = y[:n]
-    return evaluate(float_path, compressed_path, batches, labels=y)
+    names = [o.name for o in float_model.graph.output]
+    if output is not None and output not in names:
+        raise OnnxspfqError(f"{float_path} has no output named {output!r}; its outputs are {', '.join(names)}")
+    if y is not None and task == "embed":
+        y = None  # labels mean nothing to embedding metrics
+    return evaluate(float_path, compressed_path, batches, labels=y, output=output, task=task, k=k)

@@ -175,3 +175,24 @@ def test_same_seed_same_bytes_on_1_and_2_threads():
     finally:
         numba.set_num_threads(before)
     assert out[0] == out[1]
+
+
+def test_gptq_blocked_equals_unblocked_reference():
+    X, _, W, xi = _problem(seed=8)
+    H = X.T @ X
+    live = np.diag(H) > 0
+    Hd = H.copy()
+    Hd[~live, ~live] = 1.0
+    Hd += 0.01 * np.mean(np.diag(H)) * np.eye(H.shape[0])
+    U = np.linalg.cholesky(np.linalg.inv(Hd)).T  # upper factor of H^-1
+    P, bs = _params(W, "nearest", block=False)
+    Q, _ = K.gptq_blocked(np.where(live, W, 0.0), U, live, xi, op.nearest_round, P, bs, block=16, inner=5)
+    # textbook OPTQ, one column at a time (Frantar et al., Alg. 1 without lazy batching)
+    Wr = np.where(live, W, 0.0)
+    Qr = np.zeros_like(W)
+    for t in range(W.shape[1]):
+        d = P[:, 0, 0]
+        Qr[:, t] = np.clip(np.rint(Wr[:, t] / d), -3, 3) * d if live[t] else 0.0
+        err = (Wr[:, t] - Qr[:, t]) / U[t, t]
+        Wr[:, t + 1:] -= np.outer(err, U[t, t + 1:])
+    assert np.array_equal(Q, Qr)
