@@ -9,7 +9,7 @@ BITS = (8, 4, 3, 2, 1)
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
 OPERATORS = ("stochastic", "nearest")
 GRANULARITIES = ("channel", "layer", "block")
-FORMATS = ("qdq", "float")
+FORMATS = ("qdq", "float", "nbits", "sparse")
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,14 @@ class QuantConfig:
     order: alignment order r (1 = merged form; r > 1 = two-phase with r alignment passes).
     perfect_alignment: phase I solves the least-squares alignment exactly instead of r passes.
     damp: GPTQ's relative Hessian damping (fraction of mean diag(H)).
+    sparsity: target fraction of zero weights per layer (stochastic pruning; joint with quantization when bits is
+        set); 0 = no unstructured pruning.
+    nm: (N, M) structured pruning, e.g. (2, 4): in every group of M consecutive weights along the reduction axis
+        at most N are non-zero, decided inside the path following.
+    bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
-    bits: int = 4
+    bits: int | None = 4
     c_alpha: float | None = None
     C: float = 1.0
     operator: str = "stochastic"
@@ -35,9 +40,13 @@ class QuantConfig:
     order: int = 1
     perfect_alignment: bool = False
     damp: float = 0.01
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
+        if self.bits is None and not (self.sparsity > 0 or self.nm):
+            raise OnnxspfqError("nothing to do: give bits to quantize, or a sparsity / N:M pattern to prune")
+        if self.bits is not None and self.bits not in BITS:
             raise OnnxspfqError(f"unsupported bits value {self.bits!r}: use one of {', '.join(map(str, BITS))}")
         if self.c_alpha is not None and not self.c_alpha > 0:
             raise OnnxspfqError(f"c_alpha must be > 0, got {self.c_alpha}: pass a positive number or leave it unset")
@@ -53,10 +62,22 @@ class QuantConfig:
             raise OnnxspfqError(f"alignment order must be >= 1, got {self.order}")
         if not 0 <= self.damp < 1:
             raise OnnxspfqError(f"damp must be in [0, 1), got {self.damp}")
+        if not 0 <= self.sparsity < 1:
+            raise OnnxspfqError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. --sparsity 0.5 or 2:4")
+        if self.nm is not None:
+            n, m = self.nm
+            if not (1 <= n < m <= 16):
+                raise OnnxspfqError(f"N:M pattern {n}:{m} is invalid: need 1 <= N < M <= 16, e.g. 2:4")
+            if self.sparsity:
+                raise OnnxspfqError("give either an unstructured sparsity or an N:M pattern, not both")
+        if self.bits == 1 and (self.sparsity or self.nm):
+            raise OnnxspfqError("1-bit codes {-a,+a} have no zero: use --bits 2 (ternary) or more with pruning")
 
     @property
     def levels(self) -> int:
         """K: the largest integer code; codes live in {-K..K} (b >= 2) or {-1, +1} (b = 1)."""
+        if self.bits is None:
+            raise ValueError("no quantization grid: bits is None (prune only)")
         return 1 if self.bits == 1 else 2 ** (self.bits - 1) - 1
 
 
@@ -78,6 +99,8 @@ class CompressConfig:
             raise OnnxspfqError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.format not in FORMATS:
             raise OnnxspfqError(f"unknown output format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.quant.bits is None and self.format in ("qdq", "nbits"):
+            raise OnnxspfqError(f"--format {self.format} stores integer codes: give --bits, or use --format sparse / float to prune only")
         if self.samples is not None and self.samples < 1:
             raise OnnxspfqError(f"samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:
