@@ -8,18 +8,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnxspfq.calib import ImagePreprocess, load_calibration
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
+from onnxspfq.emit_nbits import emit_nbits
 from onnxspfq.emit_qdq import emit
+from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.graph import Layer, find_layers, fold_weight_chains, load_model
 from onnxspfq.io import model_size_bytes, save_model_atomic
 from onnxspfq.methods import METHODS
-from onnxspfq.report import LayerReport, Report
+from onnxspfq.report import LayerReport, Report, weight_bytes
 
 
 @dataclass
@@ -40,29 +43,88 @@ def _check_output_path(model_path: str, output: str | None) -> None:
         raise OnnxspfqError(f"output directory {out_dir} does not exist: create it or choose another -o path")
 
 
+def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | None, str]:
+    """Column groups of W (per Conv group) for N:M pruning along the axis TensorRT uses, or None with the reason
+    N:M cannot apply to this layer (it is then compressed without it)."""
+    if nm is None:
+        return None, ""
+    from onnxspfq.operators import nm_groups_for
+
+    m = nm[1]
+    if layer.op == "Conv":
+        channels, stride = layer.W0.shape[1], int(np.prod(layer.W0.shape[2:]))
+        if channels % m:
+            return None, f"{nm[0]}:{m} not applicable: {channels} input channels per group is no multiple of {m}"
+        return nm_groups_for(layer.n0 // layer.groups, m, stride), ""
+    if layer.n0 % m:
+        return None, f"{nm[0]}:{m} not applicable: reduction size {layer.n0} is no multiple of {m}"
+    return nm_groups_for(layer.n0, m), ""
+
+
 def _quantize_layer(layer: Layer, grams: list, config: CompressConfig, rng: np.random.Generator):
-    """Run the configured method on each group of the layer; stitch the groups' rows back together."""
-    quant = config.quant
+    """Run the configured method on each group of the layer; stitch the groups' rows back together.
+    Returns (Q, info, note, quant): note says what was adapted for this layer, quant is the config it ran with."""
+    quant, notes = config.quant, []
     if layer.op == "Conv" and quant.granularity == "block":
         quant = dataclasses.replace(quant, granularity="channel")  # DQ blocks cannot follow im2col columns
+        notes.append("block granularity -> per channel (Conv)")
+    groups, why = _nm_groups(layer, quant.nm)
+    if why:
+        quant = dataclasses.replace(quant, nm=None)
+        notes.append(why)
+        if quant.bits is None and not quant.sparsity:
+            return layer.matrix(), None, "; ".join(notes + ["left in float"]), quant
     method = METHODS[config.method]
+    kwargs = {"nm_groups": groups} if groups is not None else {}
+    if config.auto_C and config.method == "spfq":
+        kwargs["auto_C"] = True
     W = layer.matrix()
     Q = np.empty_like(W)
     parts = []
     for rows, stats in zip(layer.group_rows(), grams):
-        Q[rows], info = method(W[rows], stats, quant, rng)
+        Q[rows], info = method(W[rows], stats, quant, rng, **kwargs)
         parts.append(info)
-    if len(parts) == 1:
-        return Q, parts[0]
-    n = np.array([p.codes.shape[0] * p.codes.shape[1] for p in parts], dtype=np.float64)
-    info = dataclasses.replace(
-        parts[0],
-        codes=np.concatenate([p.codes for p in parts]),
-        scale=np.concatenate([p.scale for p in parts]),
-        rel_error=np.concatenate([p.rel_error for p in parts]),
-        clip_fraction=float(np.dot(n, [p.clip_fraction for p in parts]) / n.sum()),
-    )
-    return Q, info
+    info = parts[0] if len(parts) == 1 else _stack(parts)
+    return Q, info, "; ".join(notes), quant
+
+
+def _stack(parts: list):
+    """One LayerResult for a grouped Conv from its groups' results (rows concatenated)."""
+    n = np.array([p.rel_error.size for p in parts], dtype=np.float64)
+    cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+    mean = lambda name: float(np.dot(n, [getattr(p, name) for p in parts]) / n.sum())
+    fields = {"codes": cat("codes"), "scale": cat("scale"), "rel_error": cat("rel_error"),
+              "clip_fraction": mean("clip_fraction")}
+    fields["sq_error"] = cat("sq_error")
+    if hasattr(parts[0], "sparsity"):
+        fields["sparsity"] = mean("sparsity")
+    return dataclasses.replace(parts[0], **fields)
+
+
+def _emit(model: onnx.ModelProto, done: list, config: CompressConfig) -> onnx.ModelProto:
+    """The output graph in the configured format; MatMulNBits falls back to QDQ for layers it cannot hold."""
+    bits = config.quant.bits
+    if config.format == "sparse":
+        return emit_sparse(model, [(layer, Q) for layer, _, Q, _ in done])
+    if bits is None:  # prune only: float weights
+        return _float_weights(model, done)
+    items = [(layer, info, bits) for layer, info, _, _ in done]
+    if config.format == "nbits":
+        model, rest = emit_nbits(model, items)
+        items = [item for item in items if item[0].name in set(rest)]
+        return emit(model, items, fmt="qdq") if items else model
+    return emit(model, items, fmt=config.format)
+
+
+def _float_weights(model: onnx.ModelProto, done: list) -> onnx.ModelProto:
+    """A copy of `model` with each layer's weight replaced by its compressed float values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    new = {layer.weight: layer.tensor(Q).astype(np.float32) for layer, _, Q, _ in done}
+    for t in out.graph.initializer:
+        if t.name in new:
+            t.CopyFrom(numpy_helper.from_array(new[t.name], t.name))
+    return out
 
 
 def _weighted_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
@@ -94,24 +156,39 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
 
     capture = Capture(model, layers, batches, max_patches=config.max_patches, seed=config.seed, progress=progress)
     weights: dict[str, np.ndarray] = {}
-    items, layer_reports = [], []
+    done, layer_reports = [], []
     bar = tqdm(layers, desc="compressing layers", unit="layer", disable=not progress)
-    for index, layer in enumerate(bar):
-        bar.set_postfix_str(layer.name[-30:])
-        t0 = time.perf_counter()
-        grams = capture.grams(layer, weights)
-        rng = np.random.default_rng([config.seed, index])
-        Q, info = _quantize_layer(layer, grams, config, rng)
-        weights[layer.weight] = layer.tensor(Q).astype(np.float32)
-        items.append((layer, info, config.quant.bits))
-        layer_reports.append(LayerReport(
-            name=layer.name, op=layer.op, shape=list(layer.W0.shape), bits=config.quant.bits, method=config.method,
-            rel_error=_weighted_rel_error(info, layer.matrix(), grams, layer.group_rows()),
-            clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
-            time_s=time.perf_counter() - t0, groups=layer.groups))
+    try:
+        for index, layer in enumerate(bar):
+            bar.set_postfix_str(layer.name[-30:])
+            t0 = time.perf_counter()
+            grams = capture.grams(layer, weights)
+            rng = np.random.default_rng([config.seed, index])
+            Q, info, note, quant = _quantize_layer(layer, grams, config, rng)
+            if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
+                skipped.append({"name": layer.name, "op": layer.op, "reason": note})
+                continue
+            weights[layer.weight] = layer.tensor(Q).astype(np.float32)
+            done.append((layer, info, Q, quant.nm))
+            layer_reports.append(LayerReport(
+                name=layer.name, op=layer.op, shape=list(layer.W0.shape), bits=config.quant.bits,
+                method=config.method, rel_error=_weighted_rel_error(info, layer.matrix(), grams, layer.group_rows()),
+                clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
+                C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
+                sparsity=float(np.mean(Q == 0)), note=note))
+    finally:
+        capture.close()
 
-    compressed = emit(model, items, fmt=config.format)
-    onnx.checker.check_model(compressed, full_check=True)
+    compressed = _emit(model, done, config)
+    for r, (layer, _, _, nm) in zip(layer_reports, done):
+        r.bits_per_weight = 8 * weight_bytes(compressed, layer) / layer.W0.size
+        if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
+            ok, why = check_nm(weights[layer.weight], layer.op, layer.trans_b, *nm)
+            if not ok:
+                raise OnnxspfqError(f"internal check failed: layer {layer.name} does not hold the {nm[0]}:{nm[1]} "
+                                    f"pattern ({why}); please report this")
+            r.nm = f"{nm[0]}:{nm[1]}"
+    onnx.checker.check_model(compressed, full_check=config.format != "sparse")
     agreement = evaluate(original, compressed, batches)
     report = Report(model=str(model_path), output=output, config=dataclasses.asdict(config), layers=layer_reports,
                     skipped=skipped, size_before=model_size_bytes(original), size_after=model_size_bytes(compressed),

@@ -20,7 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names), .npy (single-input "
                    "model), or a folder of .npy/.npz files or images")
     c.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
-    c.add_argument("--bits", type=int, default=4, choices=BITS, help="stored bits per weight (2 = ternary, 1 = binary)")
+    c.add_argument("--bits", type=int, default=None, choices=BITS, help="stored bits per weight (2 = ternary, "
+                   "1 = binary); default 4, or none (prune only) when --sparsity is given alone")
+    c.add_argument("--sparsity", type=_sparsity, default=None, metavar="S|N:M", help="prune: a fraction of zero "
+                   "weights per layer (e.g. 0.5, stochastic pruning), or N:M (e.g. 2:4) along the reduction axis "
+                   "as TensorRT wants; with --bits, quantization and pruning run in one pass")
+    c.add_argument("--auto-C", action="store_true", help="SPFQ: choose C per layer by the exact reconstruction "
+                   "error (overrides --C)")
     c.add_argument("--method", default="spfq", choices=METHODS)
     c.add_argument("--C", type=float, default=1.0, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
                    "stochastic rounding)")
@@ -38,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16, help="calibration batch size for onnxruntime")
     c.add_argument("--max-patches", type=int, default=4096, help="Conv: at most this many im2col patches per batch")
     c.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="node names to leave in float")
-    c.add_argument("--format", default="qdq", choices=FORMATS, help="qdq: DequantizeLinear on packed integers; "
+    c.add_argument("--format", default=None, choices=FORMATS, help="qdq: DequantizeLinear on packed integers "
+                   "[default with --bits]; nbits: com.microsoft MatMulNBits for MatMul/Gemm weights (QDQ for the "
+                   "rest); sparse: float weights as sparse initializers where smaller [default when pruning only]; "
                    "float: de-quantized float weights (for inspection)")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H W "
@@ -69,13 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sparsity(text: str) -> float | tuple[int, int]:
+    """--sparsity: a fraction in [0, 1) or an N:M pattern."""
+    try:
+        if ":" in text:
+            n, m = (int(x) for x in text.split(":"))
+            return (n, m)
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (e.g. 0.5) nor N:M (e.g. 2:4)") from None
+
+
 def _compress(a: argparse.Namespace) -> None:
     from onnxspfq.api import compress
 
-    quant = QuantConfig(bits=a.bits, c_alpha=a.c_alpha, C=a.C, operator=a.operator, granularity=a.granularity,
+    sparsity, nm = (0.0, a.sparsity) if isinstance(a.sparsity, tuple) else (a.sparsity or 0.0, None)
+    bits = a.bits if a.bits is not None or a.sparsity is not None else 4
+    fmt = a.format or ("qdq" if bits is not None else "sparse")
+    quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, c_alpha=a.c_alpha, C=a.C, operator=a.operator, granularity=a.granularity,
                         block_size=a.block_size, order=a.order, perfect_alignment=a.perfect_alignment, damp=a.damp)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, skip=tuple(a.skip), format=a.format)
+                            max_patches=a.max_patches, skip=tuple(a.skip), format=fmt, auto_C=a.auto_C)
     from onnxspfq.calib import ImagePreprocess
 
     image = ImagePreprocess(size=tuple(a.image_size) if a.image_size else None, mean=tuple(a.image_mean),

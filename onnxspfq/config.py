@@ -93,6 +93,7 @@ class CompressConfig:
     max_patches: int | None = 4096
     skip: tuple[str, ...] = ()
     format: str = "qdq"
+    auto_C: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+import onnx
+
 from onnxspfq.evaluate import Agreement
 
 
@@ -14,13 +17,18 @@ class LayerReport:
     name: str
     op: str
     shape: list[int]
-    bits: int
+    bits: int | None
     method: str
     rel_error: float
     clip_fraction: float
     c_alpha: float | None
     time_s: float
     groups: int = 1
+    C: float | None = None
+    sparsity: float = 0.0
+    bits_per_weight: float = 0.0
+    nm: str | None = None
+    note: str = ""
 
 
 @dataclass
@@ -48,15 +56,24 @@ class Report:
 
     def table(self) -> str:
         """A plain-text table for the terminal."""
-        head = f"{'layer':<32} {'op':<6} {'shape':<18} {'bits':>4} {'method':<6} {'rel.err':>9} {'clip':>6} {'time s':>7}"
+        head = (f"{'layer':<32} {'op':<6} {'shape':<18} {'bits':>4} {'method':<6} {'rel.err':>9} {'clip':>6} "
+                f"{'zeros':>6} {'b/w':>5} {'time s':>7}")
         rows = [head, "-" * len(head)]
         for r in self.layers:
             shape = "x".join(map(str, r.shape))
-            rows.append(f"{r.name[:32]:<32} {r.op:<6} {shape[:18]:<18} {r.bits:>4} {r.method:<6} "
-                        f"{r.rel_error:>9.2e} {r.clip_fraction:>6.3f} {r.time_s:>7.2f}")
+            bits = "-" if r.bits is None else str(r.bits)
+            rows.append(f"{r.name[:32]:<32} {r.op:<6} {shape[:18]:<18} {bits:>4} {r.method:<6} "
+                        f"{r.rel_error:>9.2e} {r.clip_fraction:>6.3f} {r.sparsity:>6.3f} {r.bits_per_weight:>5.2f} "
+                        f"{r.time_s:>7.2f}" + (f"  ({r.note})" if r.note else ""))
         for s in self.skipped:
             rows.append(f"{s['name'][:32]:<32} {s['op']:<6} left alone: {s['reason']}")
         rows.append("-" * len(head))
+        n = sum(int(np.prod(r.shape)) for r in self.layers)
+        if n:
+            zeros = sum(r.sparsity * np.prod(r.shape) for r in self.layers) / n
+            bpw = sum(r.bits_per_weight * np.prod(r.shape) for r in self.layers) / n
+            rows.append(f"compressed weights: {n} in {len(self.layers)} layers, {100 * zeros:.1f}% zeros, "
+                        f"{bpw:.2f} bits per weight on disk")
         ratio = self.size_before / self.size_after if self.size_after else float("nan")
         rows.append(f"size: {self.size_before / 1e6:.3f} MB -> {self.size_after / 1e6:.3f} MB ({ratio:.2f}x smaller)")
         if self.agreement is not None:
@@ -67,3 +84,19 @@ class Report:
             rows.append(line)
         rows.append(f"total time: {self.time_s:.1f} s")
         return "\n".join(rows)
+
+
+def weight_bytes(model: onnx.ModelProto, layer) -> int:
+    """Bytes the emitted model spends on one layer's weight: its (sparse) initializer, the integer and scale
+    tensors feeding its DequantizeLinear, or the packed inputs of its MatMulNBits node."""
+    g = model.graph
+    sizes = {t.name: t.ByteSize() for t in g.initializer}
+    sizes.update({s.values.name: s.ByteSize() for s in g.sparse_initializer})
+    if layer.weight in sizes:
+        return sizes[layer.weight]
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and layer.weight in node.output:
+            return sum(sizes.get(i, 0) for i in node.input)
+        if node.op_type == "MatMulNBits" and node.name == layer.name:
+            return sum(sizes.get(i, 0) for i in node.input[1:4])  # B, scales, zero points (not the bias)
+    return 0

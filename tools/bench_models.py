@@ -1,0 +1,272 @@
+"""Task accuracy, compress time and peak memory of every method x bits on the real models (a script, not a test).
+
+Models: fmnist_cnn, fmnist_mlp (committed, always); minilm and efficientnet_lite0 when their cache
+(~/.cache/onnxspfq/models/, built by models/*.py) exists, else they are reported as skipped with the reason.
+Configs: onnxspfq methods {rtn, gpfq, spfq, gptq} x bits {8, 4, 3, 2, 1} (fewer for the large models: see
+--large-bits / --large-methods), plus onnxruntime's own quantizers where they apply:
+  ort-static-w8a8   onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, uint8 activations,
+                    MinMax calibration on the same calibration samples (quantize_static has no weight-only mode,
+                    so activations are quantized too: not a like-for-like weight-only comparison);
+  ort-nbits-rtn / ort-nbits-gptq / ort-nbits-default   MatMulNBitsQuantizer at 4 bits (RTN and GPTQ algos, and the
+                    default blockwise affine one, block 32): MatMul with constant weights only (MiniLM here).
+Task metric: fmnist top-1 accuracy on the full 10k test set; efficientnet top-1 / top-5 on the 20 labelled photos
+and top-1 agreement with the float model; minilm mean per-sample cosine of sentence_embedding and overlap@10 of
+the cosine nearest neighbours, against the float embeddings stored in minilm_eval.npz.
+
+Each config runs in a fresh subprocess (`--one SPEC`). Time: wall time of the compress / quantize call, which in a
+fresh process includes Numba JIT compilation of the kernels (cache=False) and onnxruntime session creation.
+Memory: ru_maxrss (RSS high-water mark) of that subprocess read right after the compress call, so it is the peak of
+the process up to then: Python + numpy + onnxruntime + numba imports, the model, the calibration data and
+everything the compress call allocated; the figure before the call is stored too (rss_before_mb).
+Seed 0, one run per config.
+
+Usage:  python tools/bench_models.py [--json docs/results_models.json] [--md docs/RESULTS_models.md]
+                                     [--png docs/accuracy_vs_bits.png] [--models ...] [--render-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ONNXSPFQ_CACHE", Path.home() / ".cache" / "onnxspfq" / "models"))
+METHODS = ("rtn", "gpfq", "spfq", "gptq")
+BITS = (8, 4, 3, 2, 1)
+ORT_CONFIGS = ("ort-static-w8a8", "ort-nbits-rtn", "ort-nbits-gptq", "ort-nbits-default")
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+
+
+def model_files(name: str) -> dict:
+    """Paths of a model, its calibration data and its evaluation data."""
+    if name in ("fmnist_cnn", "fmnist_mlp"):
+        return {"model": ROOT / "models" / f"{name}.onnx", "calib": ROOT / "models" / "data" / "fmnist_calib.npz",
+                "eval": ROOT / "models" / "data" / "fmnist_test.npz"}
+    if name == "minilm":
+        d = CACHE / "minilm"
+        return {"model": d / "minilm_l6_v2.onnx", "calib": d / "minilm_calib.npz", "eval": d / "minilm_eval.npz"}
+    if name == "efficientnet_lite0":
+        d = CACHE / "efficientnet_lite0"
+        return {"model": d / "efficientnet_lite0.onnx", "calib": d / "effnet_calib.npz", "eval": d / "effnet_eval.npz"}
+    raise SystemExit(f"unknown model {name}")
+
+
+# ------------------------------------------------------------------------------------------------ child process
+def _eval_batches(name: str, files: dict, eval_samples: int | None):
+    """(batches, labels or None, stored float reference or None, output name)."""
+    with np.load(files["eval"]) as z:
+        data = {k: z[k] for k in z.files}
+    if name.startswith("fmnist"):
+        x = ((data["images"].astype(np.float32) / 255.0 - FMNIST_MEAN) / FMNIST_STD)[:, None]
+        y = data["labels"].astype(np.int64)
+        return [{"input": x[i:i + 1000]} for i in range(0, len(x), 1000)], y, None, "logits"
+    if name == "efficientnet_lite0":
+        return [{"input": data["input"]}], data["labels"].astype(np.int64), data["logits"], "logits"
+    n = eval_samples or len(data["input_ids"])
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    batches = [{k: data[k][i:min(i + 64, n)] for k in keys} for i in range(0, n, 64)]
+    return batches, None, data["sentence_embedding"][:n], "sentence_embedding"
+
+
+class _Reader:
+    """A CalibrationDataReader over a list of feeds; also iterable (MatMulNBits GPTQ iterates a deep copy)."""
+
+    def __init__(self, feeds):
+        self.feeds, self.i = list(feeds), 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def _has_const_matmul(model) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return any(n.op_type == "MatMul" and n.input[1] in inits | consts for n in model.graph.node)
+
+
+def _ort_quantize(kind: str, model_path: Path, feeds: list, out_path: str) -> str | None:
+    """Run one onnxruntime quantizer into out_path; returns a reason string when it does not apply."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if kind == "ort-static-w8a8":
+        quantize_static(str(model_path), out_path, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return None
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    model = onnx.load(str(model_path))
+    if not _has_const_matmul(model):
+        return "no MatMul with a constant weight (MatMulNBits quantizes MatMul only; this model has Gemm/Conv)"
+    if kind == "ort-nbits-rtn":
+        algo = mnb.RTNWeightOnlyQuantConfig()
+    elif kind == "ort-nbits-gptq":
+        algo = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(feeds))
+    else:
+        algo = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4)
+    q = mnb.MatMulNBitsQuantizer(model, algo_config=algo)
+    q.process()
+    q.model.save_model_to_file(out_path, use_external_data_format=False)
+    return None
+
+
+def run_one(spec: dict) -> dict:
+    """Compress one config, measure time / peak RSS of that call, then evaluate; returns a JSON-able dict."""
+    import onnx
+
+    from onnxspfq import CompressConfig, QuantConfig
+    from onnxspfq.api import compress
+    from onnxspfq.calib import load_calibration
+    from onnxspfq.evaluate import compare, run
+
+    name, method = spec["model"], spec["method"]
+    files = model_files(name)
+    res = dict(spec)
+    float_model = onnx.load(str(files["model"]))
+    feeds = load_calibration(str(files["calib"]), float_model, samples=spec.get("samples"),
+                             batch_size=spec.get("batch_size", 16))
+    res["calib_samples"] = sum(len(next(iter(f.values()))) for f in feeds)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "q.onnx")
+        t0 = time.perf_counter()
+        if method.startswith("ort-"):
+            reason = _ort_quantize(method, files["model"], feeds, out_path)
+            if reason is not None:
+                res.update(status="not applicable", reason=reason)
+                return res
+        else:
+            config = CompressConfig(method=method, quant=QuantConfig(bits=spec["bits"]), seed=0,
+                                    samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
+            result = compress(str(files["model"]), str(files["calib"]), output=out_path, config=config, progress=False)
+            res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
+                              "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha} for l in result.report.layers]
+        res["time_s"] = time.perf_counter() - t0
+        res["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["rss_before_mb"] = rss_before / 1024
+        res["size_before"] = os.path.getsize(files["model"])
+        res["size_after"] = os.path.getsize(out_path)
+        batches, labels, reference, output = _eval_batches(name, files, spec.get("eval_samples"))
+        t1 = time.perf_counter()
+        out = run(out_path, batches, [output])[0]
+        ref = reference if reference is not None else run(str(files["model"]), batches, [output])[0]
+    task = "embed" if name == "minilm" else "classify"
+    a = compare(ref, out, labels, task=task, k=10, output_name=output)
+    res["eval_s"] = time.perf_counter() - t1
+    res["metrics"] = a.as_dict()
+    res["status"] = "ok"
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def plan(models: list[str], large_methods: list[str], large_bits: list[int], minilm_samples: int,
+         effnet_samples: int, minilm_eval: int) -> tuple[list[dict], list[dict]]:
+    """The configs to run, and the models skipped (with why)."""
+    specs, skipped = [], []
+    for name in models:
+        files = model_files(name)
+        missing = [str(p) for p in files.values() if not p.exists()]
+        if missing:
+            builder = {"minilm": "models/minilm.py", "efficientnet_lite0": "models/efficientnet_lite0.py"}.get(name, "")
+            skipped.append({"model": name, "reason": f"missing {', '.join(missing)} (build with {builder})"})
+            continue
+        base = {"model": name}
+        methods, bits = (METHODS, BITS) if name.startswith("fmnist") else (large_methods, large_bits)
+        if name == "minilm":
+            base.update(samples=minilm_samples, eval_samples=minilm_eval, batch_size=16)
+        elif name == "efficientnet_lite0":
+            base.update(samples=effnet_samples, batch_size=16)
+        for b in bits:
+            for m in methods:
+                specs.append({**base, "method": m, "bits": b})
+        ort = ["ort-static-w8a8"] + (["ort-nbits-rtn", "ort-nbits-gptq", "ort-nbits-default"] if name == "minilm" else [])
+        for kind in ort:
+            specs.append({**base, "method": kind, "bits": 8 if kind == "ort-static-w8a8" else 4})
+    return specs, skipped
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--models", nargs="+", default=["fmnist_mlp", "fmnist_cnn", "efficientnet_lite0", "minilm"])
+    p.add_argument("--large-methods", nargs="+", default=list(METHODS))
+    p.add_argument("--large-bits", nargs="+", type=int, default=[8, 4, 2])
+    p.add_argument("--minilm-samples", type=int, default=64)
+    p.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences (of 1024)")
+    p.add_argument("--effnet-samples", type=int, default=32)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per config")
+    p.add_argument("--json", default="docs/results_models.json")
+    p.add_argument("--md", default="docs/RESULTS_models.md")
+    p.add_argument("--png", default="docs/accuracy_vs_bits.png")
+    p.add_argument("--note", default="", help="free text stored in the JSON / Markdown (e.g. which commit ran)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown and PNG from the JSON")
+    a = p.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(run_one(json.loads(a.one))))
+        return
+    command = "python tools/bench_models.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    if a.render_only:
+        doc = json.loads(Path(a.json).read_text())
+    else:
+        specs, skipped = plan(a.models, a.large_methods, a.large_bits, a.minilm_samples, a.effnet_samples,
+                              a.minilm_eval)
+        for s in skipped:
+            print(f"skipped {s['model']}: {s['reason']}", flush=True)
+        doc = {"command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+               f"Python {platform.python_version()}", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "note": a.note, "skipped_models": skipped, "results": []}
+        t_all = time.perf_counter()
+        for i, spec in enumerate(specs):
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=ROOT, text=True,
+                                  capture_output=True, timeout=a.timeout)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                res = {**spec, "status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            else:
+                res = json.loads(line[-1][len("RESULT "):])
+            doc["results"].append(res)
+            print(f"[{i + 1}/{len(specs)}] {spec['model']} {spec['method']} {spec['bits']}: {res['status']} "
+                  f"{_headline(res)} ({time.perf_counter() - t:.0f} s)", flush=True)
+            Path(a.json).write_text(json.dumps(doc, indent=1))
+        doc["total_s"] = time.perf_counter() - t_all
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+    from plot_results import render_markdown, render_png  # tools/plot_results.py
+
+    Path(a.md).write_text(render_markdown(doc, json_path=a.json, png_path=a.png))
+    render_png(doc, a.png)
+    print(f"wrote {a.json}, {a.md}, {a.png}")
+
+
+def _headline(r: dict) -> str:
+    if r.get("status") != "ok":
+        return r.get("reason", "")
+    m = r["metrics"]
+    if r["model"] == "minilm":
+        return f"cos {m['sample_cosine']:.4f} overlap@10 {m['overlap_at_k']:.3f}"
+    return f"top-1 {100 * m['top1_accuracy_compressed']:.2f}% (float {100 * m['top1_accuracy_float']:.2f}%)"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
