@@ -9,6 +9,16 @@ Every quantizing kernel returns `(Q, V)`: Q the quantized values, V the targets 
 measure clipping and tests can compare forms on v). Columns with ||X~_t|| = 0 (d[t] = 0) get q = 0, v = 0.
 
 H = X~^T X~ must be symmetric (as every Gram is); G[t, j] = <X~_t, X_j> is not.
+
+N:M pruning inside the path following (every quantizing kernel takes `groups` (n_groups, M) int column indices
+and `nkeep` = N; groups must be disjoint, columns in no group are unconstrained). Definition, identical in all
+forms: when the loop reaches a group's FIRST column tau (smallest index), every member j gets the score
+    s_j = v_j(tau) = the target T would see if column j were processed now, with the error state u_{tau-1}:
+    merged:  (w_j <X~_j, X_j> + <X~_j, u_{tau-1}> / C) / ||X~_j||^2,   phase II:  w~_j + <X~_j, u_{tau-1}> / (C ||X~_j||^2)
+(s_j = 0 for a dead column). The N members with the largest |s_j| are kept (ties: the lower column index), the
+others get q = 0 when they are reached (their v is still computed and reported), and the columns processed in
+between and after correct the error as usual. GPTQ uses the same rule with SparseGPT's score |w_j| / U[j, j] on
+the error-updated weights. The blocked kernels place their block boundaries so no group straddles a boundary.
 """
 from __future__ import annotations
 
@@ -36,12 +46,55 @@ def _dot(a, b):
     return acc
 
 
+def _group_arrays(groups, n0: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gstart, grp): gstart[t] = index of the group whose first column is t, else -1; grp rows sorted ascending."""
+    gstart = np.full(n0, -1, dtype=np.int64)
+    if groups is None:
+        return gstart, np.zeros((0, 1), dtype=np.int64)
+    grp = np.sort(np.asarray(groups, dtype=np.int64).reshape(len(groups), -1), axis=1)
+    if grp.size and (grp.min() < 0 or grp.max() >= n0 or np.unique(grp).size != grp.size):
+        raise ValueError("N:M groups must be disjoint column indices in [0, N0)")
+    gstart[grp[:, 0]] = np.arange(grp.shape[0])
+    return gstart, np.ascontiguousarray(grp)
+
+
+def _next_cut(n0: int, grp: np.ndarray) -> np.ndarray:
+    """nxt[t] = smallest t' >= t (t' <= n0) such that no group has columns on both sides of t'."""
+    forbid = np.zeros(n0 + 2, dtype=np.int64)
+    if grp.shape[0]:
+        np.add.at(forbid, grp[:, 0] + 1, 1)
+        np.add.at(forbid, grp[:, -1] + 1, -1)
+    bad = np.cumsum(forbid)[: n0 + 1] > 0  # bad[t]: a cut before column t splits a group
+    nxt = np.empty(n0 + 1, dtype=np.int64)
+    nxt[n0] = n0
+    for t in range(n0 - 1, -1, -1):
+        nxt[t] = nxt[t + 1] if bad[t] else t
+    return nxt
+
+
+@njit(cache=False)
+def _choose(sc, row, nkeep, drop, off):
+    """Mark drop[row[k] - off] for all but the nkeep largest sc[k] (ties: lower k); sc is overwritten."""
+    M = row.shape[0]
+    for k in range(M):
+        drop[row[k] - off] = True
+    for _ in range(min(nkeep, M)):
+        best = -1
+        bv = -1.0
+        for k in range(M):
+            if sc[k] > bv:
+                bv = sc[k]
+                best = k
+        drop[row[best] - off] = False
+        sc[best] = -2.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Direct form (Section 2): the slow reference, operating on X and X~ explicitly. O(N1 * N0 * m).
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(cache=False)
-def _direct_merged(W, XT, XtT, xi, C, T, P, bs):
+def _direct_merged(W, XT, XtT, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = W.shape
     m = XT.shape[1]
     d = np.empty(N0)
@@ -52,9 +105,18 @@ def _direct_merged(W, XT, XtT, xi, C, T, P, bs):
     Q = np.zeros((N1, N0))
     V = np.zeros((N1, N0))
     u = np.empty(m)
+    drop = np.zeros(N0, dtype=np.bool_)
+    sc = np.empty(grp.shape[1])
     for n in range(N1):
         u[:] = 0.0
+        drop[:] = False
         for t in range(N0):
+            gs = gstart[t]
+            if gs >= 0:
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    sc[k] = 0.0 if d[j] == 0.0 else abs((W[n, j] * g[j] + _dot(XtT[j], u) / C) / d[j])
+                _choose(sc, grp[gs], nkeep, drop, 0)
             x = XT[t]
             xt = XtT[t]
             w = W[n, t]
@@ -63,7 +125,7 @@ def _direct_merged(W, XT, XtT, xi, C, T, P, bs):
                     u[i] += w * x[i]
                 continue
             v = (w * g[t] + _dot(xt, u) / C) / d[t]
-            q = T(v, xi[n, t], P[n, t // bs])
+            q = 0.0 if drop[t] else T(v, xi[n, t], P[n, t // bs])
             Q[n, t] = q
             V[n, t] = v
             for i in range(m):
@@ -107,7 +169,7 @@ def _direct_align(W, XT, XtT, passes):
 
 
 @njit(cache=False)
-def _direct_phase2(Wt, XtT, xi, C, T, P, bs):
+def _direct_phase2(Wt, XtT, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = Wt.shape
     m = XtT.shape[1]
     d = np.empty(N0)
@@ -116,14 +178,23 @@ def _direct_phase2(Wt, XtT, xi, C, T, P, bs):
     Q = np.zeros((N1, N0))
     V = np.zeros((N1, N0))
     u = np.empty(m)
+    drop = np.zeros(N0, dtype=np.bool_)
+    sc = np.empty(grp.shape[1])
     for n in range(N1):
         u[:] = 0.0
+        drop[:] = False
         for t in range(N0):
+            gs = gstart[t]
+            if gs >= 0:
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    sc[k] = 0.0 if d[j] == 0.0 else abs(Wt[n, j] + _dot(XtT[j], u) / (C * d[j]))
+                _choose(sc, grp[gs], nkeep, drop, 0)
             if d[t] == 0.0:
                 continue
             xt = XtT[t]
             v = Wt[n, t] + _dot(xt, u) / (C * d[t])
-            q = T(v, xi[n, t], P[n, t // bs])
+            q = 0.0 if drop[t] else T(v, xi[n, t], P[n, t // bs])
             Q[n, t] = q
             V[n, t] = v
             e = Wt[n, t] - q
@@ -137,9 +208,11 @@ def _cols(X: np.ndarray) -> np.ndarray:
 
 
 def direct_merged(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                  bs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference merged SPFQ / GPFQ loop on explicit X, X~ (m x N0): returns (Q, V)."""
-    return _direct_merged(_f64(W), _cols(X), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs))
+                  bs: int, groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference merged SPFQ / GPFQ loop on explicit X, X~ (m x N0): returns (Q, V). groups/nkeep: N:M pruning."""
+    gstart, grp = _group_arrays(groups, np.shape(W)[1])
+    return _direct_merged(_f64(W), _cols(X), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs), gstart, grp,
+                          int(nkeep))
 
 
 def direct_align(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, passes: int) -> np.ndarray:
@@ -148,9 +221,10 @@ def direct_align(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, passes: int) -> n
 
 
 def direct_phase2(Wt: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                  bs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference phase II (quantize aligned weights W~ with X~ only): returns (Q, V)."""
-    return _direct_phase2(_f64(Wt), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs))
+                  bs: int, groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference phase II (quantize aligned weights W~ with X~ only): returns (Q, V). groups/nkeep: N:M pruning."""
+    gstart, grp = _group_arrays(groups, np.shape(Wt)[1])
+    return _direct_phase2(_f64(Wt), _cols(Xt), _f64(xi), float(C), T, _f64(P), int(bs), gstart, grp, int(nkeep))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,12 +232,27 @@ def direct_phase2(Wt: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=False)
-def _gram_merged(W, G, H, xi, C, T, P, bs):
+def _gram_merged(W, G, H, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = W.shape
     Q = np.zeros((N1, N0))
     V = np.zeros((N1, N0))
     for n in prange(N1):
+        drop = np.zeros(N0, dtype=np.bool_)
+        sc = np.empty(grp.shape[1])
         for t in range(N0):
+            gs = gstart[t]
+            if gs >= 0:
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    dj = H[j, j]
+                    if dj == 0.0:
+                        sc[k] = 0.0
+                        continue
+                    acc = 0.0
+                    for i in range(t):
+                        acc += W[n, i] * G[j, i] - Q[n, i] * H[j, i]
+                    sc[k] = abs(W[n, j] * G[j, j] / dj + acc / (C * dj))
+                _choose(sc, grp[gs], nkeep, drop, 0)
             dt = H[t, t]
             if dt == 0.0:
                 continue
@@ -171,7 +260,7 @@ def _gram_merged(W, G, H, xi, C, T, P, bs):
             for j in range(t):
                 acc += W[n, j] * G[t, j] - Q[n, j] * H[t, j]
             v = W[n, t] * G[t, t] / dt + acc / (C * dt)
-            q = T(v, xi[n, t], P[n, t // bs])
+            q = 0.0 if drop[t] else T(v, xi[n, t], P[n, t // bs])
             Q[n, t] = q
             V[n, t] = v
     return Q, V
@@ -213,13 +302,28 @@ def _gram_align(W, G, H, passes):
 
 
 @njit(parallel=True, cache=False)
-def _gram_phase2(Wt, H, xi, C, T, P, bs):
+def _gram_phase2(Wt, H, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = Wt.shape
     Q = np.zeros((N1, N0))
     V = np.zeros((N1, N0))
     for n in prange(N1):
         e = np.zeros(N0)
+        drop = np.zeros(N0, dtype=np.bool_)
+        sc = np.empty(grp.shape[1])
         for t in range(N0):
+            gs = gstart[t]
+            if gs >= 0:
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    dj = H[j, j]
+                    if dj == 0.0:
+                        sc[k] = 0.0
+                        continue
+                    acc = 0.0
+                    for i in range(t):
+                        acc += e[i] * H[j, i]
+                    sc[k] = abs(Wt[n, j] + acc / (C * dj))
+                _choose(sc, grp[gs], nkeep, drop, 0)
             dt = H[t, t]
             if dt == 0.0:
                 continue
@@ -227,7 +331,7 @@ def _gram_phase2(Wt, H, xi, C, T, P, bs):
             for j in range(t):
                 acc += e[j] * H[t, j]
             v = Wt[n, t] + acc / (C * dt)
-            q = T(v, xi[n, t], P[n, t // bs])
+            q = 0.0 if drop[t] else T(v, xi[n, t], P[n, t // bs])
             Q[n, t] = q
             V[n, t] = v
             e[t] = Wt[n, t] - q
@@ -235,9 +339,10 @@ def _gram_phase2(Wt, H, xi, C, T, P, bs):
 
 
 def gram_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                bs: int) -> tuple[np.ndarray, np.ndarray]:
+                bs: int, groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Merged form from the Grams: v_t = w_t G_tt/d_t + (W[:, :t] G[t, :t] - Q[:, :t] H[:t, t]) / (C d_t)."""
-    return _gram_merged(_f64(W), _f64(G), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs))
+    gstart, grp = _group_arrays(groups, np.shape(W)[1])
+    return _gram_merged(_f64(W), _f64(G), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs), gstart, grp, int(nkeep))
 
 
 def gram_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int) -> np.ndarray:
@@ -246,9 +351,10 @@ def gram_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int) -> np.n
 
 
 def gram_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                bs: int) -> tuple[np.ndarray, np.ndarray]:
+                bs: int, groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Phase II from the Grams: v_t = w~_t + (E[:, :t] H[:t, t]) / (C d_t), E = W~ - Q."""
-    return _gram_phase2(_f64(Wt), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs))
+    gstart, grp = _group_arrays(groups, np.shape(Wt)[1])
+    return _gram_phase2(_f64(Wt), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs), gstart, grp, int(nkeep))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,22 +365,40 @@ def gram_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: n
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=False)
-def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E):
+def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E, Wm, Gm, merged, gstart, grp, nkeep):
+    # N:M: groups never straddle [b0, b1) (see _next_cut), so r holds the full correction of every member at tau.
+    # Merged form: R[:, b0:b1] already holds sum_{b0 <= i < j} W[:, i] G[j, i] for the whole outer block, so the
+    # score of member j at tau subtracts the part i >= tau (not yet reached).
     N1 = A0.shape[0]
     nb = b1 - b0
     for n in prange(N1):
         r = np.empty(nb)
+        drop = np.zeros(nb, dtype=np.bool_)
+        sc = np.empty(grp.shape[1])
         for k in range(nb):
             r[k] = R[n, b0 + k]
         for i in range(nb):
             t = b0 + i
+            gs = gstart[t]
+            if gs >= 0:
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    if s[j] == 0.0:
+                        sc[k] = 0.0
+                        continue
+                    rj = r[j - b0]
+                    if merged:
+                        for i2 in range(t, j):
+                            rj -= Wm[n, i2] * Gm[j, i2]
+                    sc[k] = abs(A0[n, j] + rj / s[j])
+                _choose(sc, grp[gs], nkeep, drop, b0)
             if s[t] == 0.0:
                 Q[n, t] = 0.0
                 V[n, t] = 0.0
                 E[n, t] = 0.0  # H[t, :] = 0 for a dead column, so nothing propagates anyway
                 continue
             v = A0[n, t] + r[i] / s[t]
-            q = T(v, xi[n, t], P[n, t // bs])
+            q = 0.0 if drop[i] else T(v, xi[n, t], P[n, t // bs])
             Q[n, t] = q
             V[n, t] = v
             e = B[n, t] - q
@@ -283,29 +407,39 @@ def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E):
                 r[k] += e * H[t, b0 + k]
 
 
-def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, inner=None):
+def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, inner=None, groups=None, nkeep=0):
     """Run the engine over all blocks. With W, G given (merged form) the W-part of the correction is added too.
 
     Two levels: outer blocks of `block` columns get their cross-block correction as one large GEMM; inside an
     outer block, sub-blocks of `inner` columns run the sequential Numba sweep and update the rest of the outer
-    block with a small GEMM. This keeps the O(N1 * N0 * inner) non-GEMM work small.
+    block with a small GEMM.
+    This keeps the O(N1 * N0 * inner) non-GEMM work small. With N:M groups, block and sub-block ends move forward
+    to the next column where no group is split (so blocks may be longer than requested).
     """
     N1, N0 = A0.shape
     inner = DEFAULT_INNER if inner is None else int(inner)
     inner = max(1, min(inner, block))
+    gstart, grp = _group_arrays(groups, N0)
+    nxt = _next_cut(N0, grp)
+    merged = G is not None
+    Wm = W if merged else np.zeros((1, 1))
+    Gm = G if merged else np.zeros((1, 1))
     Q, V, E = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
     f32 = np.dtype(gemm_dtype) == np.float32
     Hg = H.astype(np.float32) if f32 else H
     Gg = G.astype(np.float32) if (f32 and G is not None) else G
-    for b0 in range(0, N0, block):
-        b1 = min(b0 + block, N0)
+    b0 = 0
+    while b0 < N0:
+        b1 = int(nxt[min(b0 + block, N0)])
         if G is not None:  # in-block part of sum_{j<t} W[:, j] G[t, j]
             R[:, b0:b1] += W[:, b0:b1] @ np.tril(G[b0:b1, b0:b1], -1).T
-        for s0 in range(b0, b1, inner):
-            s1 = min(s0 + inner, b1)
-            _sweep_block(A0, B, R, H, s, xi, T, P, bs, s0, s1, Q, V, E)
+        s0 = b0
+        while s0 < b1:
+            s1 = min(int(nxt[min(s0 + inner, N0)]), b1)
+            _sweep_block(A0, B, R, H, s, xi, T, P, bs, s0, s1, Q, V, E, Wm, Gm, merged, gstart, grp, int(nkeep))
             if s1 < b1:
                 R[:, s1:b1] += E[:, s0:s1] @ H[s0:s1, s1:b1]
+            s0 = s1
         if b1 < N0:
             if f32:
                 upd = E[:, b0:b1].astype(np.float32) @ Hg[b0:b1, b1:]
@@ -316,6 +450,7 @@ def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, in
                 if G is not None:
                     upd += W[:, b0:b1] @ G[b1:, b0:b1].T
             R[:, b1:] += upd
+        b0 = b1
     return Q, V
 
 
@@ -324,8 +459,8 @@ def _scaled_diag(H: np.ndarray, C: float) -> np.ndarray:
 
 
 def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray, bs: int,
-                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64,
-                   inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
+                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
+                   groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Phase II, blocked: equal to gram_phase2 up to summation order; cross-block updates run as GEMM.
 
     gemm_dtype=np.float32 runs the cross-block GEMMs in float32 (about 2x faster; corrections then carry
@@ -335,12 +470,12 @@ def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P
     A0 = Wt
     R = _touched(Wt.shape)
     return _blocked(A0, Wt, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
-                    inner=inner)
+                    inner=inner, groups=groups, nkeep=nkeep)
 
 
 def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64,
-                   inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
+                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
+                   groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Merged form, blocked (X~ != X): twice the GEMM work of phase II (the W G part and the Q H part)."""
     W, G, H = _f64(W), _f64(G), _f64(H)
     d = np.diag(H)
@@ -350,7 +485,7 @@ def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, 
     B = _touched(W.shape)  # E = -Q
     R = _touched(W.shape)
     return _blocked(A0, B, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
-                    W=W, G=G, inner=inner)
+                    W=W, G=G, inner=inner, groups=groups, nkeep=nkeep)
 
 
 def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, block: int = DEFAULT_BLOCK,
@@ -380,14 +515,22 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=False)
-def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err):
+def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err, gstart, grp, nkeep):
     N1 = W.shape[0]
     nb = b1 - b0
     for n in prange(N1):
+        drop = np.zeros(nb, dtype=np.bool_)
+        sc = np.empty(grp.shape[1])
         for i in range(nb):
             t = b0 + i
+            gs = gstart[t]
+            if gs >= 0:  # SparseGPT's N:M score on the error-updated weights: |w_j| / U[j, j]
+                for k in range(grp.shape[1]):
+                    j = grp[gs, k]
+                    sc[k] = abs(W[n, j]) / U[j, j] if live[j] else 0.0
+                _choose(sc, grp[gs], nkeep, drop, b0)
             w = W[n, t]
-            q = T(w, xi[n, t], P[n, t // bs]) if live[t] else 0.0
+            q = T(w, xi[n, t], P[n, t // bs]) if (live[t] and not drop[i]) else 0.0
             Q[n, t] = q
             V[n, t] = w
             e = (w - q) / U[t, t]
@@ -397,7 +540,8 @@ def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err):
 
 
 def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray, T, P: np.ndarray, bs: int,
-                 block: int = DEFAULT_BLOCK, inner: int = DEFAULT_INNER) -> tuple[np.ndarray, np.ndarray]:
+                 block: int = DEFAULT_BLOCK, inner: int = DEFAULT_INNER, groups: np.ndarray | None = None,
+                 nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0).
 
     Same two-level blocking as the path-following engine: sequential Numba sweeps over `inner` columns, small
@@ -410,15 +554,21 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
     Q, V, Err = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
     live = np.ascontiguousarray(live, dtype=np.bool_)
     xi, P = _f64(xi), _f64(P)
-    for b0 in range(0, N0, block):
-        b1 = min(b0 + block, N0)
-        for s0 in range(b0, b1, inner):
-            s1 = min(s0 + inner, b1)
-            _gptq_block(W, U, live, xi, T, P, int(bs), s0, s1, Q, V, Err)
+    gstart, grp = _group_arrays(groups, N0)
+    nxt = _next_cut(N0, grp)
+    b0 = 0
+    while b0 < N0:
+        b1 = int(nxt[min(b0 + block, N0)])
+        s0 = b0
+        while s0 < b1:
+            s1 = min(int(nxt[min(s0 + inner, N0)]), b1)
+            _gptq_block(W, U, live, xi, T, P, int(bs), s0, s1, Q, V, Err, gstart, grp, int(nkeep))
             if s1 < b1:
                 W[:, s1:b1] -= Err[:, s0:s1] @ U[s0:s1, s1:b1]
+            s0 = s1
         if b1 < N0:
             W[:, b1:] -= Err[:, b0:b1] @ U[b0:b1, b1:]
+        b0 = b1
     return Q, V
 
 

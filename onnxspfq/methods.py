@@ -1,25 +1,41 @@
-"""Per-layer quantization methods, all with ONE signature: (W, stats, config, rng) -> (Q, LayerResult).
+"""Per-layer compression methods, all with ONE signature: (W, stats, config, rng, *, nm_groups=None) -> (Q, LayerResult).
 
 W (N1, N0): row n = output neuron n. stats: onnxspfq.gram.Grams. config: onnxspfq.config.QuantConfig.
 rng: np.random.Generator (all randomness of a call is drawn from it up front, one uniform per (neuron, t),
 so the same seed and inputs give bit-identical Q on any number of threads).
 
-- spfq: stochastic path following (config.operator, C, order, perfect_alignment honored).
+- spfq: stochastic path following (config.operator, C, order, perfect_alignment honored; auto_C=True picks C).
 - gpfq: deterministic path following (nearest T, C = 1, merged form); ignores operator / C / order.
 - gptq: OPTQ with damping config.damp and blocked lazy updates (nearest T). When X~ != X it quantizes the
         least-squares aligned weights W~ = (H + eps I)^-1 G w, since ||Xw - X~q||^2 = ||Xw - X~w~||^2 + ||X~(w~-q)||^2.
-- rtn:  round to nearest on the same grid (data-free; the Grams are used only for the error report).
+- rtn:  round to nearest on the same grid (data-free; the Grams are used only for the c_alpha choice and error).
+        1-bit with c_alpha None is the classical binary-weight baseline a_n = mean|w_n| (per channel / layer / block
+        as the granularity says), not a searched multiple of max|w|. Pruning in rtn is MAGNITUDE pruning: per row
+        the round(sparsity * N0) smallest |w| are zeroed, or, with N:M, the M - N smallest |w| of every group; the
+        survivors are then rounded (bits set) or kept in float (bits None).
+
+Pruning (config.sparsity > 0, data-aware methods): the operator gets a threshold lambda_n per row (operators.py:
+(c) stochastic pruning when bits is None, (d) joint quantization + pruning otherwise; the deterministic
+hard-threshold variants for operator "nearest", gpfq and gptq). lambda_n = kappa * base_n, where base_n solves
+"expected zero fraction of row n = sparsity" from |w_n| by bisection (stochastic: mean(max(0, 1 - |w|/lambda)),
+deterministic: mean(|w| < lambda); dead input columns count as zeros), and the one layer factor kappa is then
+fitted by bracketing + geometric bisection on the MEASURED zero fraction of the actual path-following result (first
+on the search rows, then on the full layer) until it is within SPARSITY_TOL of the target (or the closest reached).
+N:M (config.nm): decided inside the path following (kernels.py, module docstring), groups from `nm_groups` or,
+when None, consecutive groups along N0. Prune only (bits None): Q stays float, LayerResult.codes / scale are None.
 
 Step sizes: operators.step_sizes (delta = c_alpha * max|w| / K per channel / layer / block; 1-bit: a = c_alpha *
 max|w|). With config.c_alpha = None each method tries a small candidate set (CANDIDATES) and keeps the one with
 the smallest exact Gram reconstruction error ||XW^T - X~Q^T||^2 summed over at most SEARCH_ROWS evenly spaced
 rows, running the method itself (same xi rows) on that subset; then it runs the full layer once with the winner
-(layers with N1 <= SEARCH_ROWS are searched on all rows and the winning run is kept, no rerun).
+(layers with N1 <= SEARCH_ROWS are searched on all rows and the winning run is kept, no rerun). spfq(auto_C=True)
+searches C jointly with c_alpha the same way (C_CANDIDATES; 1-bit: C_CANDIDATES_BINARY plus log N0).
 Zero-norm input columns (d[t] = 0) get q = 0 in the data-aware methods; for 1-bit, where 0 is not a code, they get
 code +1 (the value of such a weight does not change the layer output on the calibration data).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +45,8 @@ from onnxspfq import kernels
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.operators import grid_params, levels, select_operator, step_sizes
+from onnxspfq.operators import (grid_params, identity, levels, nm_groups_for, prune_params, select_operator,
+                                step_sizes)
 
 SEARCH_ROWS = 64
 CANDIDATES = {
@@ -40,32 +57,41 @@ CANDIDATES = {
 }
 CANDIDATES_BINARY_STOCHASTIC = (1.0, 1.25, 1.5, 2.0)  # unbiasedness of (b) needs a >= max|v|, so c >= 1
 CANDIDATES_BINARY_NEAREST = (0.3, 0.45, 0.6, 0.8, 1.0)
+C_CANDIDATES = (1.0, 1.5, 2.0)
+C_CANDIDATES_BINARY = (1.0, 2.0, 4.0)  # plus log(N0): the theory's choice to keep v inside [-a, a]
+SPARSITY_TOL = 0.0025  # kappa is refined until the achieved zero fraction is within this of the target
 
 
 @dataclass
 class LayerResult:
     """What a method reports for one weight matrix.
 
-    codes: int8 (N1, N0) integer codes ({-K..K}, or {-1, +1} for 1-bit).
+    codes: int8 (N1, N0) integer codes ({-K..K}, or {-1, +1} for 1-bit); pruned weights are code 0. None when
+        pruning only (bits None: Q is float).
     scale: float64 (N1, nblocks) step per row and block (nblocks = 1 unless granularity == "block"); for 1-bit a.
+        None when pruning only.
     block_size: columns per scale block (N0 when not blocked). Q == codes * repeat(scale, block_size, 1)[:, :N0].
     rel_error: (N1,) ||X w - X~ q||^2 / ||X w||^2 from the Grams (0 where both are 0, inf where only X w is 0).
     sq_error: (N1,) ||X w - X~ q||^2.
     clip_fraction: fraction of (neuron, t) steps with a live input column where |v| exceeded the alphabet's
-        range K * step (there T clips and is no longer unbiased).
-    c_alpha: the step multiplier used.  method, bits, C: what ran.
+        range K * step (there T clips and is no longer unbiased); 0 when pruning only (no range).
+    c_alpha: the step multiplier used (None: no grid, or rtn's 1-bit a = mean|w|).  method, bits, C: what ran.
+    sparsity: achieved fraction of exact zeros in Q (all N1 * N0 entries).
+    threshold: (N1,) pruning threshold lambda_n used (unstructured pruning in spfq / gpfq / gptq), else None.
     """
 
-    codes: np.ndarray
-    scale: np.ndarray
+    codes: np.ndarray | None
+    scale: np.ndarray | None
     block_size: int
     rel_error: np.ndarray
     sq_error: np.ndarray
     clip_fraction: float
-    c_alpha: float
+    c_alpha: float | None
     method: str
-    bits: int
+    bits: int | None
     C: float
+    sparsity: float = 0.0
+    threshold: np.ndarray | None = None
 
 
 @dataclass
@@ -78,8 +104,17 @@ class _Layer:
     same: bool  # X~ == X (G == H)
 
 
-# Core: (rows, T, xi, P, bs) -> (Q, V) on W[rows]; built once per call so expensive preparation is shared.
-Core = Callable[[np.ndarray, Callable, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# Core: (rows, T, xi, P, bs, C, groups, nkeep) -> (Q, V) on W[rows]; built once per call (shared preparation).
+Core = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Setting:
+    C: float
+    c_alpha: float | None
+    scale: np.ndarray | None
+    bs: int
+    base: np.ndarray | None  # per-row base threshold (unstructured pruning)
 
 
 def _prepare(W: np.ndarray, stats: Grams) -> _Layer:
@@ -100,6 +135,25 @@ def _prepare(W: np.ndarray, stats: Grams) -> _Layer:
     same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * scale)
     G = H if same else np.ascontiguousarray(G)
     return _Layer(W, H, G, np.ascontiguousarray(0.5 * (F + F.T)), np.diag(H).copy(), same)
+
+
+def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.ndarray | None:
+    """Validated N:M groups (n_groups, M) or None; consecutive groups when config.nm is set and none are given."""
+    if config.nm is None:
+        if nm_groups is not None:
+            raise OnnxspfqError("nm_groups given but config.nm is None: set QuantConfig(nm=(N, M)) to prune N:M")
+        return None
+    n, m = config.nm
+    if nm_groups is None:
+        return nm_groups_for(n0, m)
+    g = np.asarray(nm_groups)
+    if g.ndim != 2 or g.shape[1] != m or not np.issubdtype(g.dtype, np.integer):
+        raise OnnxspfqError(f"nm_groups must be an (n_groups, {m}) integer array of column indices, got "
+                            f"{g.dtype} {g.shape}: build it with operators.nm_groups_for")
+    if g.size and (g.min() < 0 or g.max() >= n0 or np.unique(g).size != g.size):
+        raise OnnxspfqError(f"nm_groups must hold distinct column indices in [0, {n0}): build it with "
+                            "operators.nm_groups_for")
+    return np.ascontiguousarray(g, dtype=np.int64)
 
 
 def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray, np.ndarray]:
@@ -157,33 +211,136 @@ def _candidates(config: QuantConfig, stochastic: bool) -> tuple[float, ...]:
     return CANDIDATES[config.bits]
 
 
+def c_candidates(bits: int | None, n0: int) -> tuple[float, ...]:
+    """The C values spfq(auto_C=True) tries: {1, 2, 4, log N0} for 1-bit, {1, 1.5, 2} otherwise."""
+    if bits == 1:
+        return tuple(sorted(set(C_CANDIDATES_BINARY) | {round(max(1.0, math.log(max(n0, 2))), 3)}))
+    return C_CANDIDATES
+
+
+def base_threshold(W: np.ndarray, sparsity: float, stochastic: bool, live: np.ndarray | None = None) -> np.ndarray:
+    """Per-row lambda_n whose EXPECTED zero fraction on |w_n| equals `sparsity` (bisection, vectorized over rows).
+
+    stochastic (operator (c)): P(zero | v) = max(0, 1 - |v| / lambda); deterministic: [|v| < lambda]. Columns not
+    `live` (dead inputs, always q = 0) count as zeros. The path following moves v away from w, so this is only the
+    starting point that the measured fit then scales.
+    """
+    A = np.abs(np.asarray(W, dtype=np.float64))
+    n1, n0 = A.shape
+    live = np.ones(n0, dtype=bool) if live is None else np.asarray(live, dtype=bool)
+    Al = A[:, live]
+    ndead = n0 - Al.shape[1]
+    lo = np.zeros(n1)
+    hi = 2.0 * np.maximum(A.max(axis=1), A.mean(axis=1) / max(1.0 - sparsity, 1e-12)) + 1e-300
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        if stochastic:
+            z = np.clip(1.0 - Al / mid[:, None], 0.0, 1.0).sum(axis=1)
+        else:
+            z = (Al < mid[:, None]).sum(axis=1)
+        low = (z + ndead) / n0 < sparsity
+        lo = np.where(low, mid, lo)
+        hi = np.where(low, hi, mid)
+    return hi
+
+
+def _fit_kappa(run: Callable[[float], tuple], target: float, k0: float, factor: float, max_evals: int = 24):
+    """Scale kappa so the measured zero fraction of run(kappa)[0] hits target: bracket, then geometric bisection.
+
+    Returns (kappa, (Q, V)) of the evaluated kappa closest to the target (first one within SPARSITY_TOL)."""
+    best = None
+    lo = hi = None
+    k = k0
+    for _ in range(max_evals):
+        res = run(k)
+        z = float(np.mean(res[0] == 0.0))
+        if best is None or abs(z - target) < best[0]:
+            best = (abs(z - target), k, res)
+        if abs(z - target) <= SPARSITY_TOL:
+            break
+        if z < target:
+            lo = k
+        else:
+            hi = k
+        if lo is None:
+            k = hi / factor
+        elif hi is None:
+            k = lo * factor
+        else:
+            k = math.sqrt(lo * hi)
+            if hi / lo < 1.0 + 1e-9:
+                break
+    return best[1], best[2]
+
+
 def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T, stochastic: bool, core: Core,
-         C: float) -> tuple[np.ndarray, LayerResult]:
-    """Shared driver: draw xi, pick c_alpha, run the core, build codes / scales / errors."""
+         Cs: tuple[float, ...], groups: np.ndarray | None, grid=None) -> tuple[np.ndarray, LayerResult]:
+    """Shared driver: draw xi, pick (C, c_alpha), fit the pruning threshold, run the core, build codes / errors.
+
+    grid: optional fixed (scale, bs) that replaces the c_alpha search (rtn's 1-bit mean|w|; c_alpha then None)."""
     N1, N0 = L.W.shape
     xi = rng.random((N1, N0)) if stochastic else np.zeros((N1, N0))
-    cands = _candidates(config, stochastic)
-    grids = [step_sizes(L.W, config.bits, c, config.granularity, config.block_size) for c in cands]
+    quant = config.bits is not None
+    prune = config.sparsity > 0 and name != "rtn"
+    nkeep = config.nm[0] if config.nm else 0
+    live = L.d > 0
+    base = base_threshold(L.W, config.sparsity, stochastic, live) if prune else None
+    settings = []
+    for C in Cs:
+        if grid is not None:
+            settings.append(_Setting(float(C), None, grid[0], int(grid[1]), base))
+        elif quant:
+            for c in _candidates(config, stochastic):
+                scale, bs = step_sizes(L.W, config.bits, c, config.granularity, config.block_size)
+                settings.append(_Setting(float(C), float(c), scale, int(bs), base))
+        else:
+            settings.append(_Setting(float(C), None, None, N0, base))
+
+    def params(st: _Setting, kappa: float) -> np.ndarray:
+        if prune:
+            return prune_params(st.scale, config.bits, kappa * st.base, (N1, 1))
+        if quant:
+            return grid_params(st.scale, config.bits)
+        return prune_params(None, None, np.zeros(N1), (N1, 1))  # N:M prune only: identity T, no range
+
+    def evaluate(st: _Setting, kappa: float, rows: np.ndarray):
+        P = params(st, kappa)
+        return core(rows, T, np.ascontiguousarray(xi[rows]), np.ascontiguousarray(P[rows]), st.bs, st.C, groups,
+                    nkeep)
+
     everything = np.arange(N1)
-    best = None
-    if len(cands) > 1:
-        rows = everything if N1 <= SEARCH_ROWS else np.unique(np.linspace(0, N1 - 1, SEARCH_ROWS).round().astype(int))
-        for c, (scale, bs) in zip(cands, grids):
-            P = grid_params(scale, config.bits)
-            Qs, Vs = core(rows, T, np.ascontiguousarray(xi[rows]), np.ascontiguousarray(P[rows]), bs)
-            err = float(_error(L.W[rows], Qs, L.H, L.G, L.F)[0].sum())
+    sub = everything if N1 <= SEARCH_ROWS else np.unique(np.linspace(0, N1 - 1, SEARCH_ROWS).round().astype(int))
+    best = None  # (err, setting, kappa, result on sub)
+    if len(settings) > 1 or (prune and sub.size < N1):
+        for st in settings:
+            if prune:
+                kappa, res = _fit_kappa(lambda k: evaluate(st, k, sub), config.sparsity, 1.0, 1.5)
+            else:
+                kappa, res = 1.0, evaluate(st, 1.0, sub)
+            err = float(_error(L.W[sub], res[0], L.H, L.G, L.F)[0].sum()) if len(settings) > 1 else 0.0
             if best is None or err < best[0]:
-                best = (err, c, scale, bs, P, (Qs, Vs) if rows.size == N1 else None)
-        _, c_alpha, scale, bs, P, done = best
+                best = (err, st, kappa, res)
+        _, st, kappa, res = best
+        done = res if sub.size == N1 else None
     else:
-        c_alpha, (scale, bs) = cands[0], grids[0]
-        P, done = grid_params(scale, config.bits), None
-    Qk, V = done if done is not None else core(everything, T, xi, P, bs)
-    codes, Q = _codes(Qk, scale, bs, config.bits)
+        st, kappa, done = settings[0], 1.0, None
+    if done is not None:
+        Qk, V = done
+    elif prune:
+        kappa, (Qk, V) = _fit_kappa(lambda k: evaluate(st, k, everything), config.sparsity, kappa, 1.05)
+    else:
+        Qk, V = evaluate(st, kappa, everything)
+    P = params(st, kappa)
+    if quant:
+        codes, Q = _codes(Qk, st.scale, st.bs, config.bits)
+        scale = np.ascontiguousarray(st.scale, dtype=np.float64)
+    else:
+        codes, Q, scale = None, np.ascontiguousarray(Qk), None
     sq, rel = _error(L.W, Q, L.H, L.G, L.F)
-    info = LayerResult(codes=codes, scale=np.ascontiguousarray(scale, dtype=np.float64), block_size=int(bs),
-                       rel_error=rel, sq_error=sq, clip_fraction=_clip_fraction(V, P, bs, L.d > 0),
-                       c_alpha=float(c_alpha), method=name, bits=config.bits, C=float(C))
+    info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
+                       clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=name,
+                       bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
+                       threshold=(kappa * st.base) if prune else None)
     return Q, info
 
 
@@ -192,11 +349,21 @@ def _check_rng(rng) -> None:
         raise OnnxspfqError(f"rng must be a numpy Generator, got {type(rng).__name__}: pass np.random.default_rng(seed)")
 
 
-def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator) -> tuple[np.ndarray, LayerResult]:
-    """SPFQ: merged form (order 1), two-phase with `order` alignment passes, or perfect alignment; blocked kernels."""
+def _operator(config: QuantConfig, name: str):
+    return select_operator(config.bits, name, config.sparsity > 0)
+
+
+def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
+         nm_groups: np.ndarray | None = None, auto_C: bool = False) -> tuple[np.ndarray, LayerResult]:
+    """SPFQ: merged form (order 1), two-phase with `order` alignment passes, or perfect alignment; blocked kernels.
+
+    Pruning / joint quantization + pruning / N:M per config (module docstring). auto_C: choose C per layer among
+    c_candidates(bits, N0) by the exact Gram error on the search rows (jointly with c_alpha); LayerResult.C says
+    which ran. Otherwise C = config.C.
+    """
     _check_rng(rng)
     L = _prepare(W, stats)
-    C = float(config.C)
+    groups = _groups(config, L.W.shape[1], nm_groups)
     if L.same:
         Wt = L.W  # X~ = X: every alignment returns w itself (exact LS solution), so phase II on W
     elif config.perfect_alignment:
@@ -206,33 +373,41 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     else:
         Wt = None
 
-    def core(rows, T, xi, P, bs):
+    def core(rows, T, xi, P, bs, C, groups, nkeep):
         if Wt is None:
-            return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, C, T, P, bs)
-        return kernels.blocked_phase2(Wt[rows], L.H, xi, C, T, P, bs)
+            return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
+        return kernels.blocked_phase2(Wt[rows], L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
 
-    T = select_operator(config.bits, config.operator)
-    return _run("spfq", L, config, rng, T, config.operator == "stochastic", core, C)
+    T = _operator(config, config.operator)
+    stochastic = config.operator == "stochastic" and T is not identity  # N:M prune only runs T = identity: no xi
+    Cs = c_candidates(config.bits, L.W.shape[1]) if auto_C else (float(config.C),)
+    return _run("spfq", L, config, rng, T, stochastic, core, Cs, groups)
 
 
-def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator) -> tuple[np.ndarray, LayerResult]:
-    """GPFQ: deterministic path following (nearest T, C = 1, merged form)."""
+def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
+         nm_groups: np.ndarray | None = None) -> tuple[np.ndarray, LayerResult]:
+    """GPFQ: deterministic path following (nearest T, C = 1, merged form); pruning = hard threshold (sparse GPFQ
+    baseline) with the threshold fitted to the target sparsity; N:M decided inside the path following."""
     _check_rng(rng)
     L = _prepare(W, stats)
+    groups = _groups(config, L.W.shape[1], nm_groups)
 
-    def core(rows, T, xi, P, bs):
+    def core(rows, T, xi, P, bs, C, groups, nkeep):
         if L.same:
-            return kernels.blocked_phase2(L.W[rows], L.H, xi, 1.0, T, P, bs)
-        return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, 1.0, T, P, bs)
+            return kernels.blocked_phase2(L.W[rows], L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
+        return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
 
-    T = select_operator(config.bits, "nearest")
-    return _run("gpfq", L, config, rng, T, False, core, 1.0)
+    return _run("gpfq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
 
 
-def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator) -> tuple[np.ndarray, LayerResult]:
-    """GPTQ / OPTQ: nearest rounding with H^-1 error feedback; H damped by config.damp * mean(diag H)."""
+def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
+         nm_groups: np.ndarray | None = None) -> tuple[np.ndarray, LayerResult]:
+    """GPTQ / OPTQ: nearest rounding with H^-1 error feedback; H damped by config.damp * mean(diag H).
+    Pruning: hard threshold on the error-updated weights (threshold fitted to the target); N:M: SparseGPT's
+    |w| / U_jj score when a group is reached."""
     _check_rng(rng)
     L = _prepare(W, stats)
+    groups = _groups(config, L.W.shape[1], nm_groups)
     live = L.d > 0
     target = L.W if L.same else _perfect_align(L, config.damp)
     target = np.where(live[None, :], target, 0.0)
@@ -249,20 +424,62 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
         raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {config.damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None
 
-    def core(rows, T, xi, P, bs):
-        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs)
+    def core(rows, T, xi, P, bs, C, groups, nkeep):
+        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
 
-    T = select_operator(config.bits, "nearest")
-    return _run("gptq", L, config, rng, T, False, core, 1.0)
+    return _run("gptq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
 
 
-def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator) -> tuple[np.ndarray, LayerResult]:
-    """Round to nearest on the same grid (data-free baseline; the Grams only feed c_alpha choice and error)."""
+def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,
+                   nkeep: int = 0) -> np.ndarray:
+    """Boolean keep-mask of magnitude pruning: per row the round(sparsity * N0) smallest |w| dropped (ties: lower
+    column first), or in every N:M group all but the nkeep largest |w| (ties: lower column kept)."""
+    A = np.abs(np.asarray(W, dtype=np.float64))
+    n1, n0 = A.shape
+    keep = np.ones((n1, n0), dtype=bool)
+    if groups is not None:
+        g = np.sort(np.asarray(groups, dtype=np.int64), axis=1)
+        order = np.argsort(-A[:, g], axis=2, kind="stable")  # (n1, n_groups, M), largest first
+        drop = np.take_along_axis(np.broadcast_to(g, (n1,) + g.shape), order[..., nkeep:], axis=2)
+        keep[np.arange(n1)[:, None, None], drop] = False
+    elif sparsity > 0:
+        k = int(round(sparsity * n0))
+        order = np.argsort(A, axis=1, kind="stable")[:, :k]
+        keep[np.arange(n1)[:, None], order] = False
+    return keep
+
+
+def _mean_abs_grid(W: np.ndarray, granularity: str, block_size: int) -> tuple[np.ndarray, int]:
+    """Binary-weight scale a = mean|w| over what one step covers (row, layer or block): the L2-best a for sign codes."""
+    A = np.abs(W)
+    n1, n0 = A.shape
+    if granularity == "channel":
+        return A.mean(axis=1, keepdims=True), n0
+    if granularity == "layer":
+        return np.full((n1, 1), A.mean()), n0
+    bs = int(block_size)
+    nb = -(-n0 // bs)
+    sums = np.zeros((n1, nb * bs))
+    sums[:, :n0] = A
+    counts = np.minimum(bs, n0 - np.arange(nb) * bs)
+    return sums.reshape(n1, nb, bs).sum(axis=2) / counts, bs
+
+
+def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
+        nm_groups: np.ndarray | None = None) -> tuple[np.ndarray, LayerResult]:
+    """Round to nearest on the same grid (data-free baseline; the Grams only feed the c_alpha choice and error).
+    Pruning: magnitude pruning (unstructured per row, or N:M) first, then rounding of the survivors (or float)."""
     _check_rng(rng)
     L = _prepare(W, stats)
+    groups = _groups(config, L.W.shape[1], nm_groups)
+    pruned = L.W
+    if config.sparsity > 0 or groups is not None:
+        pruned = np.where(magnitude_mask(L.W, config.sparsity, groups, config.nm[0] if config.nm else 0), L.W, 0.0)
 
-    def core(rows, T, xi, P, bs):
-        Wr = L.W[rows]
+    def core(rows, T, xi, P, bs, C, groups, nkeep):
+        Wr = pruned[rows]
+        if config.bits is None:
+            return Wr.copy(), Wr
         step = np.repeat(P[..., 0], bs, axis=1)[:, : Wr.shape[1]]
         if config.bits == 1:
             Q = np.where(step > 0, np.where(Wr >= 0, 1.0, -1.0) * step, 0.0)
@@ -272,7 +489,10 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
             Q = np.where(step > 0, np.clip(np.rint(Wr / safe), -K, K), 0.0) * step
         return Q, Wr
 
-    return _run("rtn", L, config, rng, None, False, core, 1.0)  # numpy rounding, no operator call
+    grid = None
+    if config.bits == 1 and config.c_alpha is None:
+        grid = _mean_abs_grid(L.W, config.granularity, config.block_size)
+    return _run("rtn", L, config, rng, None, False, core, (1.0,), None, grid=grid)  # numpy rounding, no operator
 
 
 METHODS = {"spfq": spfq, "gpfq": gpfq, "gptq": gptq, "rtn": rtn}
