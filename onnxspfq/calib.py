@@ -87,8 +87,32 @@ def load_calibration(source: Any, model: onnx.ModelProto, samples: int | None = 
     if isinstance(image_preprocess, dict):
         image_preprocess = ImagePreprocess(**image_preprocess)
     chunks = _read_source(source, specs, image_preprocess or ImagePreprocess())
-    stacked = _stack(chunks, specs)
-    return _batches(stacked, specs, samples, batch_size)
+    out: list[dict[str, np.ndarray]] = []
+    for run in _runs_of_one_shape(chunks, specs):  # e.g. token sequences of different lengths, unpadded
+        left = None if samples is None else samples - sum(_count(b, specs) for b in out)
+        if left is not None and left <= 0:
+            break
+        out += _batches(_stack(run, specs), specs, left, batch_size)
+    return out
+
+
+def _runs_of_one_shape(chunks: list[dict], specs: list[InputSpec]) -> list[list[dict]]:
+    """Consecutive chunks whose per-sample shapes agree (they can be batched together)."""
+    def key(chunk: dict) -> tuple:
+        return tuple(np.shape(chunk[s.name])[-(len(s.shape) - 1):] if s.name in chunk and len(s.shape) > 1 else ()
+                     for s in specs)
+
+    runs: list[list[dict]] = []
+    for chunk in chunks:
+        if runs and key(runs[-1][-1]) == key(chunk):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs or [[]]
+
+
+def _count(batch: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
+    return next((len(batch[s.name]) for s in specs if len(s.shape) > 0), 1)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

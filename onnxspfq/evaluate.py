@@ -39,7 +39,8 @@ def _output_names(sess: ort.InferenceSession) -> list[str]:
 
 def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         outputs: list[str] | None = None) -> list[np.ndarray]:
-    """Outputs of `model` (all, or those named in `outputs`) on all batches, concatenated along the batch axis."""
+    """Outputs of `model` (all, or those named in `outputs`) on all batches, concatenated along the batch axis
+    (for batches of different shapes: one row per position of the last axis)."""
     sess = session(model)
     if outputs is not None:
         names = _output_names(sess)
@@ -48,7 +49,14 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
             raise OnnxspfqError(f"the model has no output named {', '.join(missing)}; its outputs are "
                                 f"{', '.join(names)}: pass one of those")
     per_batch = [sess.run(outputs, feeds) for feeds in batches]
-    return [np.concatenate([b[i] for b in per_batch], axis=0) for i in range(len(per_batch[0]))]
+    return [_concat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Batches along axis 0; batches of different sequence lengths (e.g. unpadded text) as rows of the last axis."""
+    if len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays, axis=0)
+    return np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays], axis=0)
 
 
 @dataclass

@@ -318,8 +318,11 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
             else:
                 kappa, res = 1.0, evaluate(st, 1.0, sub)
             err = float(_error(L.W[sub], res[0], L.H, L.G, L.F)[0].sum()) if len(settings) > 1 else 0.0
-            if best is None or err < best[0]:
-                best = (err, st, kappa, res)
+            # a setting that cannot reach the target sparsity (e.g. a small step caps the joint threshold at the
+            # grid's range) must not win just because it prunes less: first the sparsity miss, then the error
+            miss = max(0.0, abs(float(np.mean(res[0] == 0.0)) - config.sparsity) - 2 * SPARSITY_TOL) if prune else 0.0
+            if best is None or (miss, err) < best[0]:
+                best = ((miss, err), st, kappa, res)
         _, st, kappa, res = best
         done = res if sub.size == N1 else None
     else:
