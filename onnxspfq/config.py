@@ -28,6 +28,8 @@ class QuantConfig:
         set); 0 = no unstructured pruning.
     nm: (N, M) structured pruning, e.g. (2, 4): in every group of M consecutive weights along the reduction axis
         at most N are non-zero, decided inside the path following.
+    refit_scale: after the codes are fixed, re-fit each channel's step to minimise the exact reconstruction
+        error (ALGORITHM Section 6; per-channel / per-layer granularity).
     bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
@@ -42,6 +44,7 @@ class QuantConfig:
     damp: float = 0.01
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
+    refit_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.bits is None and not (self.sparsity > 0 or self.nm):

@@ -337,6 +337,9 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
     if quant:
         codes, Q = _codes(Qk, st.scale, st.bs, config.bits)
         scale = np.ascontiguousarray(st.scale, dtype=np.float64)
+        if config.refit_scale and scale.shape[1] == 1 and name != "rtn":  # rtn stays the data-free baseline
+            scale = refit_scale(codes, scale, L.W, L.H, L.G)
+            Q = codes * scale
     else:
         codes, Q, scale = None, np.ascontiguousarray(Qk), None
     sq, rel = _error(L.W, Q, L.H, L.G, L.F)
@@ -345,6 +348,20 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
                        bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
                        threshold=(kappa * st.base) if prune else None)
     return Q, info
+
+
+def refit_scale(codes: np.ndarray, scale: np.ndarray, W: np.ndarray, H: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """ALGORITHM Section 6: for fixed integer codes k_n the step minimising ||X w_n - X~ k_n delta||^2 is
+    delta_n = k_n^T G w_n / k_n^T H k_n. Rows where that is not a positive finite number keep their step."""
+    K = codes.astype(np.float64)
+    num = np.einsum("ij,ij->i", K @ G, W)
+    den = np.einsum("ij,ij->i", K @ H, K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = num / den
+    ok = np.isfinite(best) & (best > 0)
+    out = scale.copy()
+    out[ok, 0] = best[ok]
+    return out
 
 
 def _check_rng(rng) -> None:

@@ -175,3 +175,24 @@ def test_real_patches_blocked_equals_direct(C):
         Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16)
         assert np.array_equal(Qd, Qb)
         np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9 * max(1.0, np.abs(Vd).max()))
+
+
+def test_refit_scale_never_increases_the_exact_error():
+    """Section 6 re-fit: for the codes path following chose, the re-fitted step is the least-squares optimum,
+    so the exact Gram error of every row can only fall."""
+    from onnxspfq.config import QuantConfig
+    from onnxspfq.gram import Grams
+    from onnxspfq.methods import spfq
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((400, 48)) @ rng.standard_normal((48, 48))
+    Xt = X + 0.05 * rng.standard_normal(X.shape)
+    W = rng.standard_normal((16, 48))
+    stats = Grams.from_data(X, Xt)
+    for bits in (1, 2, 4):
+        _, plain = spfq(W, stats, QuantConfig(bits=bits, c_alpha=1.0), np.random.default_rng(0))
+        Q, fit = spfq(W, stats, QuantConfig(bits=bits, c_alpha=1.0, refit_scale=True), np.random.default_rng(0))
+        assert np.array_equal(plain.codes, fit.codes)
+        assert np.all(fit.sq_error <= plain.sq_error * (1 + 1e-12))
+        assert fit.sq_error.sum() < plain.sq_error.sum()
+        assert np.array_equal(Q, fit.codes * fit.scale)
