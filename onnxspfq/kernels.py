@@ -1,7 +1,8 @@
 """Path-following kernels (ALGORITHM.md Sections 2 and 3): direct reference, Gram form, blocked Gram form, GPTQ.
 
-All kernels quantize the rows of W (row n = output neuron n) independently, so every row is a `prange`
-iteration and the result does not depend on the number of threads. Randomness is NOT drawn here: the caller
+All kernels quantize the rows of W (row n = output neuron n) independently, so rows are split across threads
+(a `prange` over rows; the blocked engine: one chunk of rows per thread) and the result does not depend on the
+number of threads. Randomness is NOT drawn here: the caller
 passes `xi` (N1, N0) uniform draws, one per (neuron, t), and the operator `T(v, xi, p)` (see operators.py)
 with its parameter rows `P` (N1, nblocks, nparams); column t of row n uses `P[n, t // bs]`.
 
@@ -22,7 +23,9 @@ the error-updated weights. The blocked kernels place their block boundaries so n
 """
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 # The blocked kernels alternate OpenBLAS GEMMs and Numba parallel loops. With libgomp's default active waiting,
 # idle OpenMP workers spin between parallel regions and starve the BLAS threads (measured 4x slower blocked
@@ -31,9 +34,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from numba import get_num_threads, njit, prange  # noqa: E402
 
-DEFAULT_BLOCK = 256  # columns per cross-block GEMM update
+DEFAULT_BLOCK = 256  # columns per cross-block GEMM update (GPTQ)
+DEFAULT_PF_BLOCK = 128  # columns per block of the path-following engine (128 vs 256: within noise, 128 a bit faster)
 DEFAULT_INNER = 32  # columns per sequential Numba sweep inside a block
 
 
@@ -358,99 +362,214 @@ def gram_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: n
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Blocked ("lazy") Gram form: sequential work inside a block of columns, cross-block updates as one GEMM.
+# Blocked ("lazy") Gram form: sequential work inside a block of columns, cross-block corrections as GEMMs.
 # One engine serves phase II, the merged form and the alignment sweeps:
-#   v[:, t] = A0[:, t] + (R[:, t] + sum_{b0 <= j < t} E[:, j] H[j, t]) / s[t],   Q[:, t] = T(v),
-#   E[:, t] = B[:, t] - Q[:, t],  and after the block  R[:, b1:] += E[:, b0:b1] @ H[b0:b1, b1:].
+#   v[:, t] = A0[:, t] + (R[:, t] + sum_{b0 <= j < t} (E[:, j] H[j, t] + W[:, j] G[t, j])) / s[t],   Q[:, t] = T(v),
+#   E[:, t] = B[:, t] - Q[:, t]   (the W G term only in the merged form; B = 0 there, so E = -Q).
+# Left-looking: before block [b0, b1) ONE GEMM gathers everything the earlier blocks owe it,
+#   R[:, b0:b1] = E[:, :b0] @ H[:b0, b0:b1]  (+ W[:, :b0] @ G[b0:b1, :b0].T, merged),
+# written straight into a reused (rows, nb) buffer (no (N1, N0) temporaries, no strided += over the trailing
+# columns). Inside the block a Numba sweep runs each row sequentially and applies every finished column's
+# correction to the rest of the block as a contiguous axpy (SIMD along the block, H's block rows stay in cache).
+# Rows are independent, so the rows are split into one chunk per thread and each thread runs the WHOLE blocked
+# loop (its GEMMs with a single-threaded BLAS, its sweeps) on its own rows: no barrier between GEMM and sweep,
+# and no idle BLAS / OpenMP workers spinning against the sweep (alternating a threaded GEMM with a Numba
+# parallel loop measured ~1.5-2x slower on 2 cores). Every row's arithmetic is the same for any chunking.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=False)
-def _sweep_block(A0, B, R, H, s, xi, T, P, bs, b0, b1, Q, V, E, Wm, Gm, merged, gstart, grp, nkeep):
-    # N:M: groups never straddle [b0, b1) (see _next_cut), so r holds the full correction of every member at tau.
-    # Merged form: R[:, b0:b1] already holds sum_{b0 <= i < j} W[:, i] G[j, i] for the whole outer block, so the
-    # score of member j at tau subtracts the part i >= tau (not yet reached).
+@njit(nogil=True, cache=False)
+def _sweep_block(A0, B, hasB, Rb, H, merged, Wm, Gm, s, xi, T, P, bs, b0, b1, Q, V, Z, gstart, grp, nkeep):
+    # Rows here are one chunk's rows. Rb[n, k]: correction numerator of column b0 + k from all E columns < b0
+    # (and, merged, from ALL W columns < b0 + k, the in-block ones included: W is known up front), updated in
+    # place by the E terms as row n advances, so at column t Rb[n, t - b0] holds exactly <X~_t, u_{t-1}>.
+    # N:M: groups never straddle [b0, b1) (see _next_cut), so the score of member j at tau is A0 + Rb[n, j]/s[j],
+    # minus (merged) the W G terms of the columns tau <= i < j not reached yet.
     N1 = A0.shape[0]
     nb = b1 - b0
-    for n in prange(N1):
-        r = np.empty(nb)
-        drop = np.zeros(nb, dtype=np.bool_)
-        sc = np.empty(grp.shape[1])
-        for k in range(nb):
-            r[k] = R[n, b0 + k]
+    hasg = grp.shape[0] > 0
+    pcol = np.empty(nb, dtype=np.int64)  # t // bs, hoisted out of the row loop (integer division is slow)
+    for i in range(nb):
+        pcol[i] = (b0 + i) // bs
+    drop = np.zeros(nb, dtype=np.bool_)
+    sc = np.empty(grp.shape[1])
+    for n in range(N1):
+        r = Rb[n]
+        if hasg:
+            drop[:] = False
         for i in range(nb):
             t = b0 + i
-            gs = gstart[t]
-            if gs >= 0:
-                for k in range(grp.shape[1]):
-                    j = grp[gs, k]
-                    if s[j] == 0.0:
-                        sc[k] = 0.0
-                        continue
-                    rj = r[j - b0]
-                    if merged:
-                        for i2 in range(t, j):
-                            rj -= Wm[n, i2] * Gm[j, i2]
-                    sc[k] = abs(A0[n, j] + rj / s[j])
-                _choose(sc, grp[gs], nkeep, drop, b0)
-            if s[t] == 0.0:
+            if hasg:
+                gs = gstart[t]
+                if gs >= 0:
+                    for k in range(grp.shape[1]):
+                        j = grp[gs, k]
+                        if s[j] == 0.0:
+                            sc[k] = 0.0
+                            continue
+                        rj = r[j - b0]
+                        if merged:
+                            for i2 in range(t, j):
+                                rj -= Wm[n, i2] * Gm[j, i2]
+                        sc[k] = abs(A0[n, j] + rj / s[j])
+                    _choose(sc, grp[gs], nkeep, drop, b0)
+            st = s[t]
+            if st == 0.0:  # dead column: H[t, :] = 0, so nothing to propagate
                 Q[n, t] = 0.0
                 V[n, t] = 0.0
-                E[n, t] = 0.0  # H[t, :] = 0 for a dead column, so nothing propagates anyway
+                Z[n, t] = 0.0
                 continue
-            v = A0[n, t] + r[i] / s[t]
-            q = 0.0 if drop[i] else T(v, xi[n, t], P[n, t // bs])
+            v = A0[n, t] + r[i] / st
+            q = 0.0 if (hasg and drop[i]) else T(v, xi[n, t], P[n, pcol[i]])
             Q[n, t] = q
             V[n, t] = v
-            e = B[n, t] - q
-            E[n, t] = e
-            for k in range(i + 1, nb):  # axpy along the row of H: vectorizes, no reduction
-                r[k] += e * H[t, b0 + k]
+            e = (B[n, t] - q) if hasB else -q
+            Z[n, t] = e
+            # axpy along the row of H over sliced views (0-based loop indices: no wraparound checks, so LLVM
+            # vectorizes it; indexing h[b0 + k] directly measured 3-4x slower, scalar code)
+            rr = r[i + 1:]
+            h = H[t, t + 1:b1]
+            for k in range(rr.shape[0]):
+                rr[k] += e * h[k]
 
 
-def _blocked(A0, B, R, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, inner=None, groups=None, nkeep=0):
-    """Run the engine over all blocks. With W, G given (merged form) the W-part of the correction is added too.
-
-    Two levels: outer blocks of `block` columns get their cross-block correction as one large GEMM; inside an
-    outer block, sub-blocks of `inner` columns run the sequential Numba sweep and update the rest of the outer
-    block with a small GEMM.
-    This keeps the O(N1 * N0 * inner) non-GEMM work small. With N:M groups, block and sub-block ends move forward
-    to the next column where no group is split (so blocks may be longer than requested).
-    """
-    N1, N0 = A0.shape
-    inner = DEFAULT_INNER if inner is None else int(inner)
-    inner = max(1, min(inner, block))
-    gstart, grp = _group_arrays(groups, N0)
-    nxt = _next_cut(N0, grp)
-    merged = G is not None
-    Wm = W if merged else np.zeros((1, 1))
-    Gm = G if merged else np.zeros((1, 1))
-    Q, V, E = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
-    f32 = np.dtype(gemm_dtype) == np.float32
-    Hg = H.astype(np.float32) if f32 else H
-    Gg = G.astype(np.float32) if (f32 and G is not None) else G
+def _bounds(N0: int, block: int, nxt: np.ndarray) -> list[tuple[int, int]]:
+    out = []
     b0 = 0
     while b0 < N0:
         b1 = int(nxt[min(b0 + block, N0)])
-        if G is not None:  # in-block part of sum_{j<t} W[:, j] G[t, j]
-            R[:, b0:b1] += W[:, b0:b1] @ np.tril(G[b0:b1, b0:b1], -1).T
-        s0 = b0
-        while s0 < b1:
-            s1 = min(int(nxt[min(s0 + inner, N0)]), b1)
-            _sweep_block(A0, B, R, H, s, xi, T, P, bs, s0, s1, Q, V, E, Wm, Gm, merged, gstart, grp, int(nkeep))
-            if s1 < b1:
-                R[:, s1:b1] += E[:, s0:s1] @ H[s0:s1, s1:b1]
-            s0 = s1
-        if b1 < N0:
-            if f32:
-                upd = E[:, b0:b1].astype(np.float32) @ Hg[b0:b1, b1:]
-                if G is not None:
-                    upd += W[:, b0:b1].astype(np.float32) @ Gg[b1:, b0:b1].T
-            else:
-                upd = E[:, b0:b1] @ H[b0:b1, b1:]
-                if G is not None:
-                    upd += W[:, b0:b1] @ G[b1:, b0:b1].T
-            R[:, b1:] += upd
+        out.append((b0, b1))
         b0 = b1
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_local_threads():
+    """OpenBLAS's openblas_set_num_threads_local (thread count for the CALLING thread only) from numpy's bundled
+    OpenBLAS, or None when it cannot be found (then chunks still run correctly, only BLAS may oversubscribe)."""
+    import ctypes
+    import glob
+
+    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+def _chunks(N1: int, min_rows: int = 64) -> list[tuple[int, int]]:
+    """Row ranges, one per Numba thread (numba.get_num_threads), at least min_rows rows each."""
+    k = max(1, min(get_num_threads(), N1 // min_rows))
+    cuts = [N1 * i // k for i in range(k + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(k)]
+
+
+@njit(parallel=True, cache=False)
+def _tril_cast(G, out):
+    """out[t, j] = G[t, j] for j < t, else 0 (out may be float32): one parallel pass, no temporaries."""
+    N = G.shape[0]
+    for t in prange(N):
+        for j in range(t):
+            out[t, j] = G[t, j]
+        for j in range(t, N):
+            out[t, j] = 0.0
+
+
+@njit(parallel=True, cache=False)
+def _cast(A, out):
+    """out[...] = A (e.g. float64 -> float32) in one parallel pass."""
+    for i in prange(A.shape[0]):
+        for j in range(A.shape[1]):
+            out[i, j] = A[i, j]
+
+
+@njit(parallel=True, cache=False)
+def _scale_cols(W, ratio):
+    """W * ratio[None, :] in one parallel pass."""
+    out = np.empty_like(W)
+    for i in prange(W.shape[0]):
+        for j in range(W.shape[1]):
+            out[i, j] = W[i, j] * ratio[j]
+    return out
+
+
+def _blocked(A0, B, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, R0=None, groups=None, nkeep=0):
+    """Run the engine over all blocks (see the section comment). B None: E = -Q. W, G given: merged form.
+    R0 (N1, N0), optional: an extra correction added to every column (alignment sweeps).
+    With N:M groups, block ends move forward to the next column where no group is split."""
+    N1, N0 = A0.shape
+    gd = np.dtype(gemm_dtype)
+    f32 = gd == np.float32
+    gstart, grp = _group_arrays(groups, N0)
+    bounds = _bounds(N0, max(1, int(block)), _next_cut(N0, grp))
+    merged = G is not None
+    Q, V, Z = np.empty((N1, N0)), np.empty((N1, N0)), np.empty((N1, N0), dtype=gd)  # Z: E in the GEMM dtype
+    Hg = H
+    if f32:
+        Hg = np.empty(H.shape, dtype=np.float32)
+        _cast(H, Hg)
+    # Gl = strictly lower part of G: the whole W G term (in-block part included) is the GEMM W @ Gl.T, which
+    # BLAS reads transposed in place (an explicit transposed copy cost ~10% of the merged kernel)
+    Gl = None
+    if merged:
+        Gl = np.empty(G.shape, dtype=gd)
+        _tril_cast(G, Gl)
+    maxnb = max((b1 - b0 for b0, b1 in bounds), default=1)
+    Bk = B if B is not None else np.zeros((1, 1))
+    dummy = np.zeros((1, 1))
+    Gm = G if merged else dummy
+
+    def rows(r0: int, r1: int) -> None:
+        Qc, Vc, Zc = Q[r0:r1], V[r0:r1], Z[r0:r1]
+        Qc.fill(0.0)  # first touch by the thread that writes these rows (page faults off the sweep)
+        Vc.fill(0.0)
+        Zc.fill(0.0)
+        nr = r1 - r0
+        A0c, xic, Pc = A0[r0:r1], xi[r0:r1], P[r0:r1]
+        Bc = Bk[r0:r1] if B is not None else dummy
+        Wc = W[r0:r1] if merged else dummy
+        Wgc = (Wc.astype(np.float32) if f32 else Wc) if merged else None
+        rbuf = np.empty(nr * maxnb)
+        tbuf = np.empty(nr * maxnb, dtype=gd) if (merged or f32) else None
+        cbuf = np.empty(nr * maxnb, dtype=gd) if f32 else None
+        for b0, b1 in bounds:
+            nb = b1 - b0
+            Rb = rbuf[: nr * nb].reshape(nr, nb)
+            out = cbuf[: nr * nb].reshape(nr, nb) if f32 else Rb
+            if b0 == 0:
+                out.fill(0.0)
+            else:
+                np.matmul(Zc[:, :b0], Hg[:b0, b0:b1], out=out)
+            if merged:
+                Tb = tbuf[: nr * nb].reshape(nr, nb)
+                np.matmul(Wgc[:, :b1], Gl[b0:b1, :b1].T, out=Tb)
+                out += Tb
+            if f32:
+                Rb[...] = out
+            if R0 is not None:
+                Rb += R0[r0:r1, b0:b1]
+            _sweep_block(A0c, Bc, B is not None, Rb, H, merged, Wc, Gm, s, xic, T, Pc, bs, b0, b1, Qc, Vc, Zc,
+                         gstart, grp, int(nkeep))
+
+    parts = _chunks(N1)
+    if len(parts) == 1:
+        rows(0, N1)
+        return Q, V
+    setter = _blas_local_threads()
+
+    def worker(rng: tuple[int, int]) -> None:
+        old = setter(1) if setter is not None else None
+        try:
+            rows(*rng)
+        finally:
+            if setter is not None:
+                setter(old)
+
+    with ThreadPoolExecutor(max_workers=len(parts)) as ex:
+        list(ex.map(worker, parts))
     return Q, V
 
 
@@ -459,36 +578,34 @@ def _scaled_diag(H: np.ndarray, C: float) -> np.ndarray:
 
 
 def blocked_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray, bs: int,
-                   block: int = DEFAULT_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
+                   block: int = DEFAULT_PF_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
                    groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Phase II, blocked: equal to gram_phase2 up to summation order; cross-block updates run as GEMM.
 
-    gemm_dtype=np.float32 runs the cross-block GEMMs in float32 (about 2x faster; corrections then carry
-    ~1e-7 relative error, so rare rounding decisions may differ from the float64 forms).
+    gemm_dtype=np.float32 runs the cross-block GEMMs in float32 (faster; corrections then carry ~1e-7 relative
+    error, so rare rounding decisions may differ from the float64 forms: not the exact default).
+    `inner` is accepted for compatibility and ignored (the in-block work is one Numba sweep per block).
     """
     Wt, H = _f64(Wt), _f64(H)
-    A0 = Wt
-    R = _touched(Wt.shape)
-    return _blocked(A0, Wt, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
-                    inner=inner, groups=groups, nkeep=nkeep)
+    return _blocked(Wt, Wt, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
+                    groups=groups, nkeep=nkeep)
 
 
 def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: np.ndarray,
-                   bs: int, block: int = DEFAULT_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
+                   bs: int, block: int = DEFAULT_PF_BLOCK, gemm_dtype=np.float64, inner: int = DEFAULT_INNER,
                    groups: np.ndarray | None = None, nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Merged form, blocked (X~ != X): twice the GEMM work of phase II (the W G part and the Q H part)."""
+    """Merged form, blocked (X~ != X): twice the GEMM work of phase II (the W G part and the Q H part).
+    gemm_dtype and inner: as in blocked_phase2."""
     W, G, H = _f64(W), _f64(G), _f64(H)
     d = np.diag(H)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(d != 0, np.diag(G) / np.where(d != 0, d, 1.0), 0.0)
-    A0 = np.ascontiguousarray(W * ratio)
-    B = _touched(W.shape)  # E = -Q
-    R = _touched(W.shape)
-    return _blocked(A0, B, R, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
-                    W=W, G=G, inner=inner, groups=groups, nkeep=nkeep)
+    A0 = _scale_cols(W, np.ascontiguousarray(ratio))
+    return _blocked(A0, None, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
+                    W=W, G=G, groups=groups, nkeep=nkeep)
 
 
-def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, block: int = DEFAULT_BLOCK,
+def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, block: int = DEFAULT_PF_BLOCK,
                   gemm_dtype=np.float64, inner: int = DEFAULT_INNER) -> np.ndarray:
     """Phase I, blocked: pass 0 = blocked merged form with T = identity, C = 1; then Gauss-Seidel sweeps."""
     from onnxspfq.operators import identity
@@ -505,8 +622,7 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
         upper = np.triu(H, 1).T
         for _ in range(passes - 1):
             R = gw - Wt @ upper  # sum_{j > t} H[t, j] w~_j (old values)
-            Wt, _ = _blocked(zeros, zeros, R, H, s, xi, identity, P, max(N0, 1), int(block), gemm_dtype,
-                             inner=inner)
+            Wt, _ = _blocked(zeros, None, H, s, xi, identity, P, max(N0, 1), int(block), gemm_dtype, R0=R)
     return Wt
 
 
@@ -544,7 +660,7 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
                  nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0).
 
-    Same two-level blocking as the path-following engine: sequential Numba sweeps over `inner` columns, small
+    Two-level blocking: sequential Numba sweeps over `inner` columns, small
     GEMMs inside a `block`, one large GEMM per block for the remaining columns.
     """
     W = np.array(W, dtype=np.float64, copy=True)
@@ -572,10 +688,10 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
     return Q, V
 
 
-def _touched(shape) -> np.ndarray:
+def _touched(shape, dtype=np.float64) -> np.ndarray:
     """A zero array whose pages are already mapped. Lazily mapped pages (np.empty / np.zeros of large arrays)
     made every column-slice sweep pay page faults inside the parallel loop (measured ~10x slower sweeps)."""
-    a = np.empty(shape)
+    a = np.empty(shape, dtype=dtype)
     a.fill(0.0)
     return a
 

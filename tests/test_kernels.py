@@ -196,3 +196,59 @@ def test_gptq_blocked_equals_unblocked_reference():
         err = (Wr[:, t] - Qr[:, t]) / U[t, t]
         Wr[:, t + 1:] -= np.outer(err, U[t, t + 1:])
     assert np.array_equal(Q, Qr)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+@pytest.mark.parametrize("form", ["phase2", "merged", "merged_nm"])
+def test_blocked_row_chunks_equal_gram_and_thread_count_free(form):
+    # 160 rows: the blocked engine splits rows into one chunk per thread (>= 64 rows each), each chunk running
+    # its own GEMMs and sweeps; Q must equal the unblocked Gram form exactly and not depend on the thread count.
+    rng = np.random.default_rng(11)
+    m, n0, n1 = 90, 48, 160
+    X = rng.standard_normal((m, n0)) @ (np.eye(n0) + 0.3 * rng.standard_normal((n0, n0)))
+    Xt = X + 0.2 * rng.standard_normal((m, n0))
+    Xt[:, 7] = 0.0
+    W = rng.standard_normal((n1, n0))
+    xi = rng.random((n1, n0))
+    P, bs = _params(W, "stochastic", block=True)
+    G, H = Xt.T @ X, Xt.T @ Xt
+    kw = {"groups": op.nm_groups_for(n0, 4), "nkeep": 2} if form == "merged_nm" else {}
+    if form == "phase2":
+        ref = K.gram_phase2(W, H, xi, 2.5, op.stochastic_round, P, bs)
+        run = lambda: K.blocked_phase2(W, H, xi, 2.5, op.stochastic_round, P, bs, block=16)  # noqa: E731
+    else:
+        ref = K.gram_merged(W, G, H, xi, 2.5, op.stochastic_round, P, bs, **kw)
+        run = lambda: K.blocked_merged(W, G, H, xi, 2.5, op.stochastic_round, P, bs, block=16, **kw)  # noqa: E731
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        assert len(K._chunks(n1)) == 2  # the multi-chunk path is what runs here
+        Q2, V2 = run()
+        numba.set_num_threads(1)
+        Q1, V1 = run()
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(Q2, ref[0])
+    np.testing.assert_allclose(V2, ref[1], rtol=0, atol=1e-9)
+    assert Q1.tobytes() == Q2.tobytes() and V1.tobytes() == V2.tobytes()
+    assert np.all(Q2[:, 7] == 0)
+    if form == "merged_nm":
+        kept = np.count_nonzero(Q2.reshape(n1, -1, 4), axis=2)
+        assert kept.max() <= 2 and kept.mean() > 1.5  # 2:4 held, and most groups keep two nonzeros
+
+
+def test_blocked_float32_gemm_close_to_float64():
+    # gemm_dtype=float32 (cross-block GEMMs in float32) is an approximation: v within ~1e-5 relative, and only
+    # rare rounding decisions may differ from the float64 engine.
+    X, Xt, W, xi = _problem(seed=12, m=120, n0=96, n1=130)
+    P, bs = _params(W, "stochastic", block=False)
+    G, H = Xt.T @ X, Xt.T @ Xt
+    for f64, f32 in (
+        (K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs, block=16),
+         K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs, block=16, gemm_dtype=np.float32)),
+        (K.blocked_phase2(W, H, xi, 1.0, op.stochastic_round, P, bs, block=16),
+         K.blocked_phase2(W, H, xi, 1.0, op.stochastic_round, P, bs, block=16, gemm_dtype=np.float32)),
+    ):
+        np.testing.assert_allclose(f32[1], f64[1], rtol=0, atol=1e-4 * np.abs(f64[1]).max())
+        assert np.mean(f32[0] == f64[0]) > 0.999
+        assert not np.array_equal(f32[1], f64[1])  # the float32 path really ran
