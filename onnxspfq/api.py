@@ -70,10 +70,10 @@ def _quantize_layer(layer: Layer, grams: list, config: CompressConfig, rng: np.r
         notes.append("block granularity -> per channel (Conv)")
     groups, why = _nm_groups(layer, quant.nm)
     if why:
-        quant = dataclasses.replace(quant, nm=None)
         notes.append(why)
-        if quant.bits is None and not quant.sparsity:
+        if quant.bits is None and not quant.sparsity:  # N:M was the only thing to do: leave the layer alone
             return layer.matrix(), None, "; ".join(notes + ["left in float"]), quant
+        quant = dataclasses.replace(quant, nm=None)
     method = METHODS[config.method]
     kwargs = {"nm_groups": groups} if groups is not None else {}
     if config.auto_C and config.method == "spfq":

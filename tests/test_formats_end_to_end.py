@@ -80,3 +80,17 @@ def test_joint_quantization_and_2_4_pruning(tmp_path, fmnist_cnn, fmnist_calib_s
         codes = onnx.numpy_helper.to_array(init[q_name]).astype(np.int8)
         ok, why = check_2_4(codes, layer.op, layer.trans_b)
         assert ok, why
+
+
+def test_prune_only_2_4_leaves_uncoverable_layer_in_float(tmp_path, fmnist_cnn, fmnist_calib_small):
+    """The first Conv has 1 input channel: 2:4 cannot cover it, so it is reported and left as it was."""
+    res = compress(str(fmnist_cnn), str(fmnist_calib_small), progress=False,
+                   config=CompressConfig(quant=QuantConfig(bits=None, nm=(2, 4)), format="sparse"))
+    skipped = {s["name"]: s["reason"] for s in res.report.skipped}
+    assert "not applicable" in skipped["/0/Conv"] and "left in float" in skipped["/0/Conv"]
+    assert [r.name for r in res.report.layers] == ["/3/Conv", "/7/Gemm", "/9/Gemm"]
+    assert all(r.nm == "2:4" and r.sparsity >= 0.5 for r in res.report.layers)
+    before = {t.name: t for t in onnx.load(str(fmnist_cnn)).graph.initializer}
+    after = {t.name: t for t in res.model.graph.initializer}
+    conv0 = next(n for n in res.model.graph.node if n.name == "/0/Conv").input[1]
+    assert after[conv0].SerializeToString() == before[conv0].SerializeToString()

@@ -18,6 +18,12 @@ fresh process includes Numba JIT compilation of the kernels (cache=False) and on
 Memory: ru_maxrss (RSS high-water mark) of that subprocess read right after the compress call, so it is the peak of
 the process up to then: Python + numpy + onnxruntime + numba imports, the model, the calibration data and
 everything the compress call allocated; the figure before the call is stored too (rss_before_mb).
+Issue-5 rows (fmnist): pruning (prune only, format "sparse"; joint 4-bit + pruning, format "qdq") and 1-bit
+variants; each row records the achieved sparsity and the bits per weight on disk from the report's layers.
+MiniLM calibration: "unpadded" (default) trims each calibration sentence to attention_mask.sum() and feeds one
+sentence per run (batch size 1), so the Grams see no padding rows; "padded" feeds the stored [N, 64] arrays.
+--jobs N runs N configs at once (fresh subprocess each); --deadline-min stops starting new configs after that many
+minutes (those are recorded as "not run").
 Seed 0, one run per config.
 
 Usage:  python tools/bench_models.py [--json docs/results_models.json] [--md docs/RESULTS_models.md]
@@ -34,10 +40,16 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot_results import label  # noqa: E402  (tools/plot_results.py: the config's short name)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ONNXSPFQ_CACHE", Path.home() / ".cache" / "onnxspfq" / "models"))
@@ -130,6 +142,19 @@ def _ort_quantize(kind: str, model_path: Path, feeds: list, out_path: str) -> st
     return None
 
 
+def _calibration(name: str, files: dict, spec: dict):
+    """The calibration source: the .npz path, or for MiniLM "unpadded" a list of one-sentence feeds trimmed to
+    their attention mask (token positions the output ignores never enter the Grams)."""
+    if name != "minilm" or spec.get("calib", "padded") == "padded":
+        return str(files["calib"])
+    with np.load(files["calib"]) as z:
+        data = {k: z[k] for k in z.files}
+    n = spec.get("samples") or len(data["input_ids"])
+    lengths = data["attention_mask"][:n].sum(axis=1)
+    return [{k: data[k][i:i + 1, :int(lengths[i])] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            for i in range(n)]
+
+
 def run_one(spec: dict) -> dict:
     """Compress one config, measure time / peak RSS of that call, then evaluate; returns a JSON-able dict."""
     import onnx
@@ -143,8 +168,8 @@ def run_one(spec: dict) -> dict:
     files = model_files(name)
     res = dict(spec)
     float_model = onnx.load(str(files["model"]))
-    feeds = load_calibration(str(files["calib"]), float_model, samples=spec.get("samples"),
-                             batch_size=spec.get("batch_size", 16))
+    calib = _calibration(name, files, spec)
+    feeds = load_calibration(calib, float_model, samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
     res["calib_samples"] = sum(len(next(iter(f.values()))) for f in feeds)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,11 +181,19 @@ def run_one(spec: dict) -> dict:
                 res.update(status="not applicable", reason=reason)
                 return res
         else:
-            config = CompressConfig(method=method, quant=QuantConfig(bits=spec["bits"]), seed=0,
-                                    samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
-            result = compress(str(files["model"]), str(files["calib"]), output=out_path, config=config, progress=False)
+            nm = tuple(spec["nm"]) if spec.get("nm") else None
+            quant = QuantConfig(bits=spec["bits"], sparsity=spec.get("sparsity", 0.0), nm=nm,
+                                refit_scale=spec.get("refit", False), operator=spec.get("operator", "stochastic"),
+                                c_alpha=spec.get("c_alpha"))
+            config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
+                                    batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
+                                    auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())))
+            result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
-                              "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha} for l in result.report.layers]
+                              "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha, "C": l.C,
+                              "sparsity": l.sparsity, "bits_per_weight": l.bits_per_weight, "nm": l.nm,
+                              "note": l.note} for l in result.report.layers]
+            res["skipped_layers"] = result.report.skipped
         res["time_s"] = time.perf_counter() - t0
         res["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         res["rss_before_mb"] = rss_before / 1024
@@ -179,10 +212,27 @@ def run_one(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ parent
+def _fmnist_specs(name: str) -> list[dict]:
+    base = {"model": name}
+    out = [{**base, "method": m, "bits": b} for b in BITS for m in METHODS]
+    out += [{**base, "method": m, "bits": b, "refit": True} for b in (4, 2, 1) for m in ("spfq", "gpfq")]
+    out.append({**base, "method": "ort-static-w8a8", "bits": 8})
+    i5 = {**base, "group": "issue5"}
+    sparse = {**i5, "bits": None, "format": "sparse"}
+    out += [{**sparse, "method": "spfq", "sparsity": 0.5}, {**sparse, "method": "spfq", "sparsity": 0.5,
+                                                            "operator": "nearest"},
+            {**sparse, "method": "rtn", "sparsity": 0.5}]
+    out += [{**sparse, "method": m, "nm": [2, 4]} for m in ("spfq", "gpfq", "rtn")]
+    out += [{**i5, "bits": 4, "method": m, "sparsity": 0.5} for m in ("spfq", "gpfq", "rtn")]
+    out += [{**i5, "bits": 4, "method": m, "nm": [2, 4]} for m in ("spfq", "gpfq", "rtn")]
+    return out
+
+
 def plan(models: list[str], large_methods: list[str], large_bits: list[int], minilm_samples: int,
-         effnet_samples: int, minilm_eval: int) -> tuple[list[dict], list[dict]]:
-    """The configs to run, and the models skipped (with why)."""
-    specs, skipped = [], []
+         effnet_samples: int, minilm_eval: int, effnet_batch: int) -> tuple[list[dict], list[dict]]:
+    """The configs to run in priority order (with --jobs 2 the Fashion-MNIST configs and the large-model configs
+    run in two lanes, each in this order), and the models skipped (with why)."""
+    specs, skipped = {m: [] for m in models}, []
     for name in models:
         files = model_files(name)
         missing = [str(p) for p in files.values() if not p.exists()]
@@ -190,19 +240,35 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             builder = {"minilm": "models/minilm.py", "efficientnet_lite0": "models/efficientnet_lite0.py"}.get(name, "")
             skipped.append({"model": name, "reason": f"missing {', '.join(missing)} (build with {builder})"})
             continue
-        base = {"model": name}
-        methods, bits = (METHODS, BITS) if name.startswith("fmnist") else (large_methods, large_bits)
-        if name == "minilm":
-            base.update(samples=minilm_samples, eval_samples=minilm_eval, batch_size=16)
-        elif name == "efficientnet_lite0":
-            base.update(samples=effnet_samples, batch_size=16)
-        for b in bits:
-            for m in methods:
-                specs.append({**base, "method": m, "bits": b})
-        ort = ["ort-static-w8a8"] + (["ort-nbits-rtn", "ort-nbits-gptq", "ort-nbits-default"] if name == "minilm" else [])
-        for kind in ort:
-            specs.append({**base, "method": kind, "bits": 8 if kind == "ort-static-w8a8" else 4})
-    return specs, skipped
+        if name.startswith("fmnist"):
+            specs[name] = _fmnist_specs(name)
+        elif name == "minilm":
+            base = {"model": name, "samples": minilm_samples, "eval_samples": minilm_eval, "batch_size": 1,
+                    "calib": "unpadded"}
+            four = [{**base, "method": m, "bits": 4} for m in large_methods] if 4 in large_bits else []
+            four += [{**base, "method": "spfq", "bits": 4, "refit": True},
+                     {**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16},
+                     {**base, "method": "spfq", "bits": 4, "c_alpha": 1.0}]
+            specs[name] = four + [{**base, "method": m, "bits": b} for b in large_bits if b != 4
+                                  for m in ("spfq", "rtn", "gpfq", "gptq") if m in large_methods]
+        else:
+            base = {"model": name, "samples": effnet_samples, "batch_size": effnet_batch}
+            specs[name] = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
+    order = [m for m in ("fmnist_cnn", "fmnist_mlp", "minilm", "efficientnet_lite0") if m in specs]
+    order += [m for m in specs if m not in order]
+    return [s for m in order for s in specs[m]], skipped
+
+
+def _run_child(spec: dict, timeout: int) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": "failed", "reason": f"timeout after {timeout} s"}
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        return {**spec, "status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(line[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -210,14 +276,19 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--models", nargs="+", default=["fmnist_mlp", "fmnist_cnn", "efficientnet_lite0", "minilm"])
     p.add_argument("--large-methods", nargs="+", default=list(METHODS))
-    p.add_argument("--large-bits", nargs="+", type=int, default=[8, 4, 2])
-    p.add_argument("--minilm-samples", type=int, default=64)
+    p.add_argument("--large-bits", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--minilm-samples", type=int, default=256)
     p.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences (of 1024)")
-    p.add_argument("--effnet-samples", type=int, default=32)
+    p.add_argument("--effnet-samples", type=int, default=150)
+    p.add_argument("--effnet-batch", type=int, default=50, help="EfficientNet calibration batch (Conv layers keep "
+                   "at most --max-patches 4096 im2col rows per batch, so fewer, larger batches cost less)")
+    p.add_argument("--jobs", type=int, default=1, help="configs run at the same time")
+    p.add_argument("--deadline-min", type=float, default=None, help="start no config after this many minutes")
     p.add_argument("--timeout", type=int, default=900, help="seconds per config")
     p.add_argument("--json", default="docs/results_models.json")
     p.add_argument("--md", default="docs/RESULTS_models.md")
     p.add_argument("--png", default="docs/accuracy_vs_bits.png")
+    p.add_argument("--sparsity-png", default="docs/sparsity.png")
     p.add_argument("--note", default="", help="free text stored in the JSON / Markdown (e.g. which commit ran)")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown and PNG from the JSON")
     a = p.parse_args()
@@ -229,33 +300,56 @@ def main() -> None:
         doc = json.loads(Path(a.json).read_text())
     else:
         specs, skipped = plan(a.models, a.large_methods, a.large_bits, a.minilm_samples, a.effnet_samples,
-                              a.minilm_eval)
+                              a.minilm_eval, a.effnet_batch)
         for s in skipped:
             print(f"skipped {s['model']}: {s['reason']}", flush=True)
         doc = {"command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                f"Python {platform.python_version()}", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "note": a.note, "skipped_models": skipped, "results": []}
+               "note": a.note, "jobs": a.jobs, "skipped_models": skipped, "results": [None] * len(specs)}
         t_all = time.perf_counter()
-        for i, spec in enumerate(specs):
+        lock = threading.Lock()
+
+        def work(i: int) -> None:
+            spec = specs[i]
             t = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=ROOT, text=True,
-                                  capture_output=True, timeout=a.timeout)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                res = {**spec, "status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            if a.deadline_min is not None and t - t_all > 60 * a.deadline_min:
+                res = {**spec, "status": "not run", "reason": f"time budget ({a.deadline_min:g} min) spent"}
             else:
-                res = json.loads(line[-1][len("RESULT "):])
-            doc["results"].append(res)
-            print(f"[{i + 1}/{len(specs)}] {spec['model']} {spec['method']} {spec['bits']}: {res['status']} "
-                  f"{_headline(res)} ({time.perf_counter() - t:.0f} s)", flush=True)
-            Path(a.json).write_text(json.dumps(doc, indent=1))
+                res = _run_child(spec, a.timeout)
+            with lock:
+                doc["results"][i] = res
+                print(f"[{i + 1}/{len(specs)}] {spec['model']} {label(spec)} {spec['bits']}: {res['status']} "
+                      f"{_headline(res)} ({time.perf_counter() - t:.0f} s, at {(time.perf_counter() - t_all) / 60:.1f}"
+                      f" min)", flush=True)
+                Path(a.json).write_text(json.dumps({**doc, "results": [r for r in doc["results"] if r]}, indent=1))
+
+        small = [i for i, s in enumerate(specs) if s["model"] != "minilm"]  # lane 1: MiniLM; lane 0: the rest
+        lanes = [deque(small), deque(i for i in range(len(specs)) if i not in small)] if a.jobs == 2 else \
+            [deque(range(len(specs)))]
+
+        def lane(k: int) -> None:
+            """Run lane k's configs in order; when it is empty, help with the other lane's (from the front)."""
+            while True:
+                with lock:
+                    q = lanes[k] if lanes[k] else max(lanes, key=len)
+                    if not q:
+                        return
+                    i = q.popleft()
+                work(i)
+
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            list(pool.map(lane, [k % len(lanes) for k in range(a.jobs)]))
         doc["total_s"] = time.perf_counter() - t_all
         Path(a.json).write_text(json.dumps(doc, indent=1))
-    from plot_results import render_markdown, render_png  # tools/plot_results.py
+    from plot_results import MARKER, render_markdown, render_png, render_sparsity_png  # tools/plot_results.py
 
-    Path(a.md).write_text(render_markdown(doc, json_path=a.json, png_path=a.png))
+    old = Path(a.md).read_text() if Path(a.md).exists() else ""
+    findings = old[old.index(MARKER):] if MARKER in old else ""  # hand-written; keep it on --render-only
+    Path(a.md).write_text(render_markdown(doc, json_path=a.json, png_path=a.png, sparsity_png=a.sparsity_png,
+                                          findings=findings if a.render_only else ""))
     render_png(doc, a.png)
-    print(f"wrote {a.json}, {a.md}, {a.png}")
+    render_sparsity_png(doc, a.sparsity_png)
+    print(f"wrote {a.json}, {a.md}, {a.png}, {a.sparsity_png}")
 
 
 def _headline(r: dict) -> str:
