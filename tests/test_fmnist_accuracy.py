@@ -30,3 +30,17 @@ def test_spfq_4bit_near_float_and_above_rtn_2bit(fmnist_cnn, fmnist_calib, fmnis
     assert acc_float == pytest.approx(0.9170, abs=0.0005)  # the committed model's measured accuracy
     assert acc_spfq4 >= acc_float - 0.010
     assert acc_spfq4 >= acc_rtn2 + 0.05
+
+
+def test_1bit_deterministic_path_following_beats_1bit_rtn(fmnist_cnn, fmnist_calib, fmnist_test):
+    """Issue 5's 1-bit claim, as far as it holds: deterministic path following (gpfq, re-fitted scales) beats the
+    classical 1-bit baseline sign(w) * mean|w| on the real test set (measured 84.92 % vs 80.83 %). Stochastic SPFQ
+    does NOT (22.5 %, 52.2 % with refit; docs/RESULTS.md section 3): that is recorded, not asserted away."""
+    gpfq1 = compress(str(fmnist_cnn), str(fmnist_calib), progress=False,
+                     config=CompressConfig(method="gpfq", quant=QuantConfig(bits=1, refit_scale=True))).model
+    rtn1 = compress(str(fmnist_cnn), str(fmnist_calib), progress=False,
+                    config=CompressConfig(method="rtn", quant=QuantConfig(bits=1))).model
+    acc_gpfq = _accuracy(fmnist_cnn, gpfq1, fmnist_test).top1_accuracy_compressed
+    acc_rtn = _accuracy(fmnist_cnn, rtn1, fmnist_test).top1_accuracy_compressed
+    print(f"gpfq-1+refit {100 * acc_gpfq:.2f}%  rtn-1 {100 * acc_rtn:.2f}%")
+    assert acc_gpfq >= acc_rtn + 0.02
