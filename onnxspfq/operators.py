@@ -27,6 +27,12 @@ NPARAMS_PRUNE = 3  # width of the parameter rows built by prune_params (adds lam
 
 
 @njit(cache=False)
+def _clip(k: float, kmax: float) -> float:
+    """An integer code clipped to {-K..K}."""
+    return min(max(k, -kmax), kmax)
+
+
+@njit(cache=False)
 def stochastic_round(v: float, xi: float, p: np.ndarray) -> float:
     """(a) Unbiased stochastic rounding onto p[0] * {-K..K}: round up with probability frac(v / delta); clip."""
     d = p[0]
@@ -34,13 +40,7 @@ def stochastic_round(v: float, xi: float, p: np.ndarray) -> float:
         return 0.0
     x = v / d
     f = np.floor(x)
-    k = f + 1.0 if xi < x - f else f
-    kmax = p[1]
-    if k > kmax:
-        k = kmax
-    elif k < -kmax:
-        k = -kmax
-    return k * d
+    return _clip(f + 1.0 if xi < x - f else f, p[1]) * d
 
 
 @njit(cache=False)
@@ -49,13 +49,7 @@ def nearest_round(v: float, xi: float, p: np.ndarray) -> float:
     d = p[0]
     if d <= 0.0:
         return 0.0
-    k = np.rint(v / d)
-    kmax = p[1]
-    if k > kmax:
-        k = kmax
-    elif k < -kmax:
-        k = -kmax
-    return k * d
+    return _clip(np.rint(v / d), p[1]) * d
 
 
 @njit(cache=False)
