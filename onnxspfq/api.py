@@ -127,11 +127,12 @@ def _float_weights(model: onnx.ModelProto, done: list) -> onnx.ModelProto:
     return out
 
 
-def _weighted_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
-    """Layer relative error sum_n ||X w_n - X~ q_n||^2 / sum_n ||X w_n||^2 from per-neuron figures."""
-    norms = np.concatenate([np.einsum("ij,jk,ik->i", W[r], g.F, W[r]) for r, g in zip(rows, grams)])
-    total = norms.sum()
-    return float(np.dot(info.rel_error, norms) / total) if total > 0 else 0.0
+def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
+    """Layer relative error sum_n ||X w_n - X~ q_n||^2 / sum_n ||X w_n||^2 (neurons with no output count in the
+    numerator only, so a dead neuron cannot turn the figure into nan)."""
+    norms = sum(float(np.einsum("ij,jk,ik->", W[r], g.F, W[r])) for r, g in zip(rows, grams))
+    err = float(np.sum(info.sq_error))
+    return err / norms if norms > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def compress(model_path: str, calib, output: str | None = None, config: CompressConfig | None = None,
@@ -172,7 +173,7 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
             done.append((layer, info, Q, quant.nm))
             layer_reports.append(LayerReport(
                 name=layer.name, op=layer.op, shape=list(layer.W0.shape), bits=config.quant.bits,
-                method=config.method, rel_error=_weighted_rel_error(info, layer.matrix(), grams, layer.group_rows()),
+                method=config.method, rel_error=_layer_rel_error(info, layer.matrix(), grams, layer.group_rows()),
                 clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
                 sparsity=float(np.mean(Q == 0)), note=note))

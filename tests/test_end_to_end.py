@@ -38,3 +38,24 @@ def test_spfq_4bit_close_to_float_on_real_test_set(tmp_path, fmnist_cnn, fmnist_
     print(f"float {acc_f:.4f}  spfq-4bit {acc_q:.4f}  top1-agreement {ag.top1_agreement:.4f}  cos {ag.cosine:.5f}")
     assert acc_q >= acc_f - 0.01
     assert ag.top1_agreement >= 0.97
+
+
+def test_reported_layer_error_matches_a_direct_computation(fmnist_mlp, fmnist_calib_small):
+    """The report's Gram-based error of the first Gemm equals ||X W^T - X Q^T||^2 / ||X W^T||^2 computed directly
+    from the calibration images (the first layer's input is the flattened image, X~ = X there)."""
+    from onnx import numpy_helper
+
+    res = compress(str(fmnist_mlp), str(fmnist_calib_small), progress=False,
+                   config=CompressConfig(quant=QuantConfig(bits=2)))
+    X = np.load(fmnist_calib_small)["input"].reshape(32, -1).astype(np.float64)
+    first = res.report.layers[0]
+    src = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fmnist_mlp)).graph.initializer}
+    node = next(n for n in res.model.graph.node if n.name == first.name)
+    dq = next(n for n in res.model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[1])
+    init = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    codes, scale = init[dq.input[0]].astype(np.float64), init[dq.input[1]].astype(np.float64)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    Q = codes * np.expand_dims(scale, 1 - axis)  # per-channel scale along `axis` of the 2-D weight
+    W = src[node.input[1]].astype(np.float64)
+    rel = np.sum((X @ W.T - X @ Q.T) ** 2) / np.sum((X @ W.T) ** 2)  # Gemm transB=1: W is [N, K]
+    assert first.rel_error == pytest.approx(rel, rel=1e-4)
