@@ -164,10 +164,11 @@ def emit_sparse(model: onnx.ModelProto, items: Sequence[tuple]) -> onnx.ModelPro
             raise OnnxspfqError(f"layer {layer.name!r}: weight {layer.weight!r} is not a dense initializer of the "
                                 "model: pass the model the layers were found in")
         M = np.asarray(result, dtype=np.float64) if isinstance(result, np.ndarray) else dequantize_result(result)
+        n1 = int(init.dims[layer.channel_axis])
+        if M.ndim != 2 or M.shape[0] != n1 or M.size != int(np.prod(init.dims)):
+            raise OnnxspfqError(f"layer {layer.name!r}: result of shape {M.shape} does not map to the weight "
+                                f"{tuple(init.dims)} ({n1} rows): pass the result computed for this layer")
         W = np.asarray(layer.tensor(M)).astype(helper.tensor_dtype_to_np_dtype(init.data_type))
-        if tuple(W.shape) != tuple(init.dims):
-            raise OnnxspfqError(f"layer {layer.name!r}: result maps to shape {W.shape}, weight is {tuple(init.dims)}:"
-                                " pass the result computed for this layer")
         enc = numpy_helper.from_array(np.ascontiguousarray(W), init.name)
         if layer.weight not in graph_inputs:
             enc = encode(W, init.name)

@@ -1,47 +1,16 @@
 """MatMulNBits emission checked against onnxruntime CPU: outputs equal x @ (codes*scale) to fp32 tolerance."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxspfq.emit_nbits import choose_block_size, dequantize_nbits, emit_nbits, pack_nbits
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import Layer
 
-
-@dataclass
-class Layer:
-    name: str
-    op: str
-    weight: str
-    W0: np.ndarray
-    channel_axis: int
-    reduction_axis: int
-
-    def tensor(self, M: np.ndarray) -> np.ndarray:
-        if self.op == "MatMul" or (self.op == "Gemm" and self.channel_axis == 1):
-            return M.T
-        if self.op == "Gemm":
-            return M
-        return M.reshape(self.W0.shape)
-
-
-@dataclass
-class Result:
-    codes: np.ndarray
-    scale: np.ndarray
-    block_size: int
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+from emit_helpers import Result, real_layers, session
 
 
 def matmul_model(K: int, N: int, rank: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, Layer]:
@@ -53,7 +22,7 @@ def matmul_model(K: int, N: int, rank: int, rng: np.random.Generator) -> tuple[o
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape[:-1] + [N])], [numpy_helper.from_array(W, "W")],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    return m, Layer("mm", "MatMul", "W", W, 1, 0)
+    return m, real_layers(m, "mm")[0]
 
 
 def random_result(N: int, K: int, bits: int, rb: int, rng: np.random.Generator) -> Result:
@@ -149,10 +118,7 @@ def test_other_layers_returned_untouched() -> None:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", M]),
                            helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    lc = Layer("conv", "Conv", "Wc", Wc, 0, 1)
-    l1 = Layer("mm", "MatMul", "W1", W1, 1, 0)
-    l2 = Layer("gemm", "Gemm", "W2", W2, 0, 1)
-    l3 = Layer("mm_blk", "MatMul", "W3", W3, 1, 0)
+    lc, l1, l2, l3 = real_layers(model, "conv", "mm", "gemm", "mm_blk")
     rc = random_result(2, 9, 4, 9, rng)
     r1 = random_result(N, K, 4, K, rng)
     r2 = random_result(M, N, 4, N, rng)
@@ -189,7 +155,7 @@ def test_gemm_converted_with_bias(trans_b: int, bias_shape: tuple | None) -> Non
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", N])], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    layer = Layer("gemm", "Gemm", "W", W, 0 if trans_b else 1, 1 if trans_b else 0)
+    (layer,) = real_layers(model, "gemm")
     res = random_result(N, K, 3, K, rng)
     out, skipped = emit_nbits(model, [(layer, res, 3)])
     onnx.checker.check_model(out)
@@ -206,6 +172,8 @@ def test_real_pytorch_mlp(fmnist_mlp) -> None:
     model = onnx.load(str(fmnist_mlp))
     inits = {t.name: t for t in model.graph.initializer}
     items, ref = [], onnx.ModelProto()
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    layers = dict(zip((n.name for n in gemms), real_layers(model, *(n.name for n in gemms))))
     ref.CopyFrom(model)
     ref_inits = {t.name: t for t in ref.graph.initializer}
     for n in model.graph.node:
@@ -214,7 +182,7 @@ def test_real_pytorch_mlp(fmnist_mlp) -> None:
         W = numpy_helper.to_array(inits[n.input[1]])  # [N, K] (transB=1)
         s = np.abs(W).max(1, keepdims=True).astype(np.float64) / 7
         codes = np.clip(np.rint(W / s), -7, 7).astype(np.int8)
-        items.append((Layer(n.name, "Gemm", n.input[1], W, 0, 1), Result(codes, s, W.shape[1]), 4))
+        items.append((layers[n.name], Result(codes, s, W.shape[1]), 4))
         ref_inits[n.input[1]].CopyFrom(numpy_helper.from_array((codes * s).astype(np.float32), n.input[1]))
     assert len(items) == 3
     out, skipped = emit_nbits(model, items)
@@ -247,7 +215,7 @@ def test_shared_weight_kept_for_other_consumer() -> None:
                           [numpy_helper.from_array(W, "W")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     res = random_result(N, K, 8, K, rng)
-    out, skipped = emit_nbits(model, [(Layer("m2", "MatMul", "W", W, 1, 0), res, 8)])
+    out, skipped = emit_nbits(model, [(real_layers(model, "m2")[0], res, 8)])
     assert skipped == [] and [n.op_type for n in out.graph.node] == ["MatMul", "MatMulNBits"]
     assert out.graph.node[1].name == "m2" and "W" in {t.name for t in out.graph.initializer}
     x = rng.standard_normal((2, K)).astype(np.float32)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -17,45 +17,9 @@ from onnxspfq import io as oio
 from onnxspfq.emit_qdq import dequantize, emit, levels, min_ir_version
 from onnxspfq.errors import OnnxspfqError
 
+from emit_helpers import Result, real_layers
+
 RNG = np.random.default_rng(0)
-
-
-# --- duck-typed stand-ins for graph.Layer and a method result (the contract emit_qdq codes against) ---------
-@dataclass
-class Layer:
-    name: str
-    op: str
-    weight: str
-    W0: np.ndarray
-    trans_b: bool = False
-
-    @property
-    def channel_axis(self) -> int:
-        return {"MatMul": 1, "Conv": 0}.get(self.op, 0 if self.trans_b else 1)
-
-    @property
-    def reduction_axis(self) -> int:
-        return 1 - self.channel_axis if self.op != "Conv" else 1
-
-    def matrix(self) -> np.ndarray:
-        if self.op == "Conv":
-            return self.W0.reshape(self.W0.shape[0], -1)
-        return self.W0 if (self.op == "Gemm" and self.trans_b) else self.W0.T
-
-    def tensor(self, M: np.ndarray) -> np.ndarray:
-        n1 = self.W0.shape[self.channel_axis]
-        if M.shape != (n1, self.W0.size // n1):  # like graph.Layer: only full (N1, N0) matrices map back
-            raise ValueError(f"expected a ({n1}, {self.W0.size // n1}) matrix, got {M.shape}")
-        if self.op == "Conv":
-            return M.reshape(self.W0.shape)
-        return M if (self.op == "Gemm" and self.trans_b) else M.T
-
-
-@dataclass
-class Result:
-    codes: np.ndarray
-    scale: np.ndarray
-    block_size: int
 
 
 def rtn(W: np.ndarray, bits: int, block_size: int | None = None) -> Result:
@@ -96,7 +60,7 @@ def matmul_model(K=24, N=16, opset=17, ir=8):
         opset,
         ir,
     )
-    return m, Layer("mm", "MatMul", "W", W), {"x": RNG.standard_normal((4, K)).astype(np.float32)}
+    return m, real_layers(m, "mm")[0], {"x": RNG.standard_normal((4, K)).astype(np.float32)}
 
 
 def gemm_model(trans_b, K=24, N=16):
@@ -108,7 +72,7 @@ def gemm_model(trans_b, K=24, N=16):
         [h.make_tensor_value_info("y", TP.FLOAT, [4, N])],
         [nh.from_array(W, "W"), nh.from_array(C, "C")],
     )
-    return m, Layer("gemm", "Gemm", "W", W, trans_b), {"x": RNG.standard_normal((4, K)).astype(np.float32)}
+    return m, real_layers(m, "gemm")[0], {"x": RNG.standard_normal((4, K)).astype(np.float32)}
 
 
 def conv_model(group):
@@ -121,7 +85,7 @@ def conv_model(group):
         [h.make_tensor_value_info("y", TP.FLOAT, [2, cout, 5, 5])],
         [nh.from_array(W, "W"), nh.from_array(B, "B")],
     )
-    return m, Layer("conv", "Conv", "W", W), {"x": RNG.standard_normal((2, cin, 5, 5)).astype(np.float32)}
+    return m, real_layers(m, "conv")[0], {"x": RNG.standard_normal((2, cin, 5, 5)).astype(np.float32)}
 
 
 BUILDERS = {
@@ -247,7 +211,7 @@ def shared_model():
         [nh.from_array(W, "W"), nh.from_array(np.array([1, 5], np.int64), "idx")],
     )
     feeds = {"x": RNG.standard_normal((3, K)).astype(np.float32)}
-    return m, Layer("mm1", "MatMul", "W", W), Layer("mm2", "MatMul", "W", W), feeds
+    return (m, *real_layers(m, "mm1", "mm2"), feeds)
 
 
 def _run_all(model, feeds):
@@ -299,7 +263,7 @@ def opset11_model():
         opset=11,
         ir=6,
     )
-    return m, Layer("mm", "MatMul", "W", W), {"x": RNG.standard_normal((2, 3, 6)).astype(np.float32)}
+    return m, real_layers(m, "mm")[0], {"x": RNG.standard_normal((2, 3, 6)).astype(np.float32)}
 
 
 @pytest.mark.parametrize("bits,opset,ir", [(8, 13, 7), (4, 21, 10), (2, 25, 13)])
@@ -330,7 +294,7 @@ def test_opset13_reducemean_converted_to_21():
         opset=13,
         ir=7,
     )
-    layer, feeds = Layer("mm", "MatMul", "W", W), {"x": RNG.standard_normal((3, 6)).astype(np.float32)}
+    layer, feeds = real_layers(model, "mm")[0], {"x": RNG.standard_normal((3, 6)).astype(np.float32)}
     res = rtn(layer.matrix(), 3)
     q = emit(model, [(layer, res, 3)])
     assert (opset_of(q), q.ir_version) == (21, 10)
@@ -365,9 +329,9 @@ def test_bad_inputs_rejected():
     with pytest.raises(OnnxspfqError, match="NaN"):
         emit(model, [(layer, Result(res.codes, res.scale * np.nan, res.block_size), 4)])
     with pytest.raises(OnnxspfqError, match="not an initializer"):
-        emit(model, [(Layer("mm", "MatMul", "nope", layer.W0), res, 4)])
+        emit(model, [(replace(layer, weight="nope"), res, 4)])
     with pytest.raises(OnnxspfqError, match="no node named"):
-        emit(model, [(Layer("other", "MatMul", "W", layer.W0), res, 4)])
+        emit(model, [(replace(layer, name="other"), res, 4)])
 
 
 def test_int2_packing_is_four_per_byte():

@@ -1,11 +1,10 @@
 """2:4 axis checks, magnitude N:M masks and sparse-initializer output run in onnxruntime CPU."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -13,43 +12,9 @@ from onnxspfq.emit_sparse import (
     check_2_4, check_nm, dequantize_result, emit_sparse, encode, nm_mask, sparsity_report, to_sparse_proto,
 )
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import Layer
 
-
-@dataclass
-class Layer:
-    name: str
-    op: str
-    weight: str
-    W0: np.ndarray
-    channel_axis: int
-    reduction_axis: int
-
-    def tensor(self, M: np.ndarray) -> np.ndarray:
-        if self.op == "MatMul" or (self.op == "Gemm" and self.channel_axis == 1):
-            return M.T
-        if self.op == "Gemm":
-            return M
-        return M.reshape(self.W0.shape)
-
-    def matrix(self) -> np.ndarray:
-        """W0 as (N1, N0): the inverse of tensor()."""
-        if self.op == "Conv":
-            return self.W0.reshape(self.W0.shape[0], -1)
-        return self.W0 if (self.op == "Gemm" and self.channel_axis == 0) else self.W0.T
-
-
-@dataclass
-class Result:
-    codes: np.ndarray
-    scale: np.ndarray
-    block_size: int
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+from emit_helpers import Result, real_layers, session
 
 
 CASES = [  # (op, trans_b, shape, reduction axis)
@@ -160,9 +125,7 @@ def build_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, list[Layer]]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 6, 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    layers = [Layer("conv", "Conv", "W1", W1, 0, 1), Layer("mm", "MatMul", "W2", W2, 1, 0),
-              Layer("gemm", "Gemm", "W3", W3, 0, 1), Layer("mm2", "MatMul", "W4", W4, 1, 0)]
-    return model, layers
+    return model, real_layers(model, "conv", "mm", "gemm", "mm2")
 
 
 def test_emit_sparse_runs_and_matches_dense() -> None:
@@ -213,8 +176,8 @@ def test_emit_sparse_bad_input() -> None:
     r4 = Result(np.zeros((8, 12), np.int8), np.ones((8, 1)), 12)
     with pytest.raises(OnnxspfqError, match="two items"):
         emit_sparse(model, [(l4, r4), (l4, r4)])
-    with pytest.raises(OnnxspfqError, match="maps to shape"):
+    with pytest.raises(OnnxspfqError, match="does not map to the weight"):
         emit_sparse(model, [(l4, Result(np.zeros((4, 12), np.int8), np.ones((4, 1)), 12))])
-    ghost = Layer("ghost", "MatMul", "nope", l4.W0, 1, 0)
+    ghost = replace(l4, name="ghost", weight="nope")  # names a weight the model does not have
     with pytest.raises(OnnxspfqError, match="not a dense initializer"):
         emit_sparse(model, [(ghost, r4)])
