@@ -30,8 +30,9 @@ the smallest exact Gram reconstruction error ||XW^T - X~Q^T||^2 summed over at m
 rows, running the method itself (same xi rows) on that subset; then it runs the full layer once with the winner
 (layers with N1 <= SEARCH_ROWS are searched on all rows and the winning run is kept, no rerun). spfq(auto_C=True)
 searches C jointly with c_alpha the same way (C_CANDIDATES; 1-bit: C_CANDIDATES_BINARY plus log N0).
-Zero-norm input columns (d[t] = 0) get q = 0 in the data-aware methods; for 1-bit, where 0 is not a code, they get
-code +1 (the value of such a weight does not change the layer output on the calibration data).
+Zero-norm input columns (d[t] = 0: never active on the calibration data) get q = 0 in the kernels (as ALGORITHM.md
+says) and are then rounded to nearest by the methods when quantizing without pruning: their value does not change
+the layer output on the calibration data, and zeroing them breaks inputs that fire on other data.
 """
 from __future__ import annotations
 
@@ -181,6 +182,14 @@ def _perfect_align(L: _Layer, damp: float) -> np.ndarray:
     eps = (damp if damp > 0 else 1e-8) * mean_d
     A = L.H + eps * np.eye(L.H.shape[0])
     return np.ascontiguousarray(np.linalg.solve(A, L.G @ L.W.T).T)
+
+
+def _nearest_on_grid(W: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> np.ndarray:
+    """Round-to-nearest values of W on the grid (1-bit: sign, 0 -> +a)."""
+    rep = np.repeat(scale, bs, axis=1)[:, : W.shape[1]]
+    if bits == 1:
+        return np.where(W < 0, -rep, rep)
+    return np.clip(np.rint(W / np.where(rep > 0, rep, 1.0)), -levels(bits), levels(bits)) * rep
 
 
 def _codes(Q: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -335,6 +344,11 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
         Qk, V = evaluate(st, kappa, everything)
     P = params(st, kappa)
     if quant:
+        if not prune and not config.nm and not live.all():
+            # Input columns never active on the calibration data do not constrain q; rounding w to nearest there
+            # (instead of the kernels' q = 0) costs nothing on that data and keeps the weight for inputs that do
+            # fire later: zeroing them cost EfficientNet-Lite0 most of its accuracy (docs/RESULTS.md).
+            Qk = np.where(live[None, :], Qk, _nearest_on_grid(L.W, st.scale, st.bs, config.bits))
         codes, Q = _codes(Qk, st.scale, st.bs, config.bits)
         scale = np.ascontiguousarray(st.scale, dtype=np.float64)
         if config.refit_scale and scale.shape[1] == 1 and name != "rtn":  # rtn stays the data-free baseline

@@ -122,7 +122,8 @@ def test_deterministic_C1_with_same_inputs_is_gpfq():
     for t in range(W.shape[1]):
         x = X[:, t]
         nrm = x @ x
-        if nrm == 0:
+        if nrm == 0:  # never-active input: onnxspfq rounds w to nearest there (x = 0 leaves u unchanged)
+            Qref[:, t] = np.clip(np.rint(W[:, t] / delta), -7, 7) * delta
             continue
         v = (u @ x + W[:, t] * nrm) / nrm
         Qref[:, t] = np.clip(np.rint(v / delta), -7, 7) * delta

@@ -61,7 +61,9 @@ def test_codes_times_scale_is_Q_exactly(name, bits, granularity):
             np.testing.assert_allclose(info.scale[:, 0], info.c_alpha * np.abs(W).max(axis=1), rtol=1e-12)
     else:
         assert np.abs(info.codes).max() <= Kmax
-        assert np.all(Q[:, 5] == 0) or name == "rtn"  # dead input column: q = 0 in data-aware methods
+        # dead input column (never active on the calibration data): rounded to nearest, as rtn does
+        step = np.repeat(info.scale, info.block_size, axis=1)[:, :W.shape[1]]
+        np.testing.assert_array_equal(info.codes[:, 5], np.clip(np.rint(W[:, 5] / step[:, 5]), -Kmax, Kmax))
     if granularity == "layer":
         assert np.all(info.scale == info.scale[0, 0])
     # reported errors are the exact Gram errors of the returned Q
@@ -108,7 +110,11 @@ def test_two_phase_and_perfect_alignment_run_and_align():
     scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
     xi = np.random.default_rng(9).random(W.shape)
     Qd, _ = K.direct_phase2(K.direct_align(W, X, Xt, 2), Xt, xi, 2.5, op.stochastic_round, op.grid_params(scale, 4), bs)
-    assert np.array_equal(Q, Qd)
+    live = np.diag(stats.H) > 0
+    assert not live.all()  # the dead column is exercised
+    assert np.array_equal(Q[:, live], Qd[:, live])
+    # dead columns: the kernel's q = 0 is replaced by nearest rounding of w (the method's documented choice)
+    np.testing.assert_array_equal(Q[:, ~live], np.clip(np.rint(W[:, ~live] / scale), -7, 7) * scale)
 
 
 def test_bad_input_raises_one_line_errors():
