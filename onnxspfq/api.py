@@ -22,6 +22,7 @@ from onnxspfq.evaluate import evaluate
 from onnxspfq.graph import Layer, find_layers, fold_weight_chains, load_model
 from onnxspfq.io import model_size_bytes, save_model_atomic
 from onnxspfq.methods import METHODS
+from onnxspfq.operators import nm_groups_for
 from onnxspfq.report import LayerReport, Report, weight_bytes
 
 
@@ -48,8 +49,6 @@ def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | N
     N:M cannot apply to this layer (it is then compressed without it)."""
     if nm is None:
         return None, ""
-    from onnxspfq.operators import nm_groups_for
-
     m = nm[1]
     if layer.op == "Conv":
         channels, stride = layer.W0.shape[1], int(np.prod(layer.W0.shape[2:]))
@@ -93,21 +92,18 @@ def _stack(parts: list):
     n = np.array([p.rel_error.size for p in parts], dtype=np.float64)
     cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
     mean = lambda name: float(np.dot(n, [getattr(p, name) for p in parts]) / n.sum())
-    fields = {"codes": cat("codes"), "scale": cat("scale"), "rel_error": cat("rel_error"),
-              "clip_fraction": mean("clip_fraction")}
-    fields["sq_error"] = cat("sq_error")
-    if hasattr(parts[0], "sparsity"):
-        fields["sparsity"] = mean("sparsity")
-    return dataclasses.replace(parts[0], **fields)
+    return dataclasses.replace(parts[0], codes=cat("codes"), scale=cat("scale"), rel_error=cat("rel_error"),
+                               sq_error=cat("sq_error"), clip_fraction=mean("clip_fraction"),
+                               sparsity=mean("sparsity"))
 
 
-def _emit(model: onnx.ModelProto, done: list, config: CompressConfig) -> onnx.ModelProto:
+def _emit(model: onnx.ModelProto, done: list, weights: dict[str, np.ndarray], config: CompressConfig) -> onnx.ModelProto:
     """The output graph in the configured format; MatMulNBits falls back to QDQ for layers it cannot hold."""
     bits = config.quant.bits
     if config.format == "sparse":
         return emit_sparse(model, [(layer, Q) for layer, _, Q, _ in done])
     if bits is None:  # prune only: float weights
-        return _float_weights(model, done)
+        return _float_weights(model, weights)
     items = [(layer, info, bits) for layer, info, _, _ in done]
     if config.format == "nbits":
         model, rest = emit_nbits(model, items)
@@ -116,14 +112,13 @@ def _emit(model: onnx.ModelProto, done: list, config: CompressConfig) -> onnx.Mo
     return emit(model, items, fmt=config.format)
 
 
-def _float_weights(model: onnx.ModelProto, done: list) -> onnx.ModelProto:
-    """A copy of `model` with each layer's weight replaced by its compressed float values."""
+def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` with each compressed initializer replaced by its float values."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    new = {layer.weight: layer.tensor(Q).astype(np.float32) for layer, _, Q, _ in done}
     for t in out.graph.initializer:
-        if t.name in new:
-            t.CopyFrom(numpy_helper.from_array(new[t.name], t.name))
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
     return out
 
 
@@ -180,7 +175,7 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
     finally:
         capture.close()
 
-    compressed = _emit(model, done, config)
+    compressed = _emit(model, done, weights, config)
     for r, (layer, _, _, nm) in zip(layer_reports, done):
         r.bits_per_weight = 8 * weight_bytes(compressed, layer) / layer.W0.size
         if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
