@@ -30,6 +30,10 @@ class QuantConfig:
         at most N are non-zero, decided inside the path following.
     refit_scale: after the codes are fixed, re-fit each channel's step to minimise the exact reconstruction
         error (ALGORITHM Section 6; per-channel / per-layer granularity).
+    draws: stochastic operators only: run the path following with this many independent draws of xi and keep,
+        per output channel, the draw with the smallest exact Gram error (Section 6: measurable from the Grams).
+        Neurons are independent, so each kept row is one complete SPFQ run; 1 = plain SPFQ. None (default): 8 at
+        1 and 2 bits without pruning (where one draw's variance costs most; docs/RESULTS.md section 4), else 1.
     bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
@@ -45,6 +49,7 @@ class QuantConfig:
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
     refit_scale: bool = False
+    draws: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits is None and not (self.sparsity > 0 or self.nm):
@@ -73,8 +78,19 @@ class QuantConfig:
                 raise OnnxspfqError(f"N:M pattern {n}:{m} is invalid: need 1 <= N < M <= 16, e.g. 2:4")
             if self.sparsity:
                 raise OnnxspfqError("give either an unstructured sparsity or an N:M pattern, not both")
+        if self.draws is not None and not 1 <= self.draws <= 256:
+            raise OnnxspfqError(f"draws must be in 1..256, got {self.draws}: e.g. --draws 8")
+        if self.draws is not None and self.draws > 1 and (self.sparsity or self.nm):
+            raise OnnxspfqError("--draws applies to quantization without pruning: drop --draws or --sparsity")
         if self.bits == 1 and (self.sparsity or self.nm):
             raise OnnxspfqError("1-bit codes {-a,+a} have no zero: use --bits 2 (ternary) or more with pruning")
+
+    @property
+    def n_draws(self) -> int:
+        """How many draws of xi the stochastic operator runs (see `draws`)."""
+        if self.draws is not None:
+            return self.draws
+        return 8 if self.bits in (1, 2) and not (self.sparsity or self.nm) else 1
 
     @property
     def levels(self) -> int:

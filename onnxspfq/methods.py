@@ -56,7 +56,7 @@ CANDIDATES = {
     3: (1.0, 0.85, 0.7, 0.6, 0.5),
     2: (0.8, 0.65, 0.5, 0.4, 0.3),
 }
-CANDIDATES_BINARY_STOCHASTIC = (1.0, 1.25, 1.5, 2.0)  # unbiasedness of (b) needs a >= max|v|, so c >= 1
+CANDIDATES_BINARY_STOCHASTIC = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # c < 1 clips (biased), but measured far better
 CANDIDATES_BINARY_NEAREST = (0.3, 0.45, 0.6, 0.8, 1.0)
 C_CANDIDATES = (1.0, 1.5, 2.0)
 C_CANDIDATES_BINARY = (1.0, 2.0, 4.0)  # plus log(N0): the theory's choice to keep v inside [-a, a]
@@ -76,7 +76,10 @@ class LayerResult:
     sq_error: (N1,) ||X w - X~ q||^2.
     clip_fraction: fraction of (neuron, t) steps with a live input column where |v| exceeded the alphabet's
         range K * step (there T clips and is no longer unbiased); 0 when pruning only (no range).
-    c_alpha: the step multiplier used (None: no grid, or rtn's 1-bit a = mean|w|).  method, bits, C: what ran.
+    c_alpha: the step multiplier used (None: no grid, or rtn's 1-bit a = mean|w|); when it was chosen per output
+        channel (c_alpha None, channel / block granularity, no pruning), the mean of c_alpha_row.
+    c_alpha_row: (N1,) the multiplier each channel kept when chosen per channel, else None.
+    method, bits, C: what ran (C: mean over channels when auto_C chose it per channel).
     sparsity: achieved fraction of exact zeros in Q (all N1 * N0 entries).
     threshold: (N1,) pruning threshold lambda_n used (unstructured pruning in spfq / gpfq / gptq), else None.
     """
@@ -93,6 +96,7 @@ class LayerResult:
     C: float
     sparsity: float = 0.0
     threshold: np.ndarray | None = None
+    c_alpha_row: np.ndarray | None = None
 
 
 @dataclass
@@ -312,39 +316,72 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
             return grid_params(st.scale, config.bits)
         return prune_params(None, None, np.zeros(N1), (N1, 1))  # N:M prune only: identity T, no range
 
-    def evaluate(st: _Setting, kappa: float, rows: np.ndarray):
+    def evaluate(st: _Setting, kappa: float, rows: np.ndarray, draw: np.ndarray = xi):
         P = params(st, kappa)
-        return core(rows, T, np.ascontiguousarray(xi[rows]), np.ascontiguousarray(P[rows]), st.bs, st.C, groups,
+        return core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), st.bs, st.C, groups,
                     nkeep)
 
     everything = np.arange(N1)
-    sub = everything if N1 <= SEARCH_ROWS else np.unique(np.linspace(0, N1 - 1, SEARCH_ROWS).round().astype(int))
-    best = None  # (err, setting, kappa, result on sub)
-    if len(settings) > 1 or (prune and sub.size < N1):
-        for st in settings:
-            if prune:
-                kappa, res = _fit_kappa(lambda k: evaluate(st, k, sub), config.sparsity, 1.0, 1.5)
-            else:
-                kappa, res = 1.0, evaluate(st, 1.0, sub)
-            err = float(_error(L.W[sub], res[0], L.H, L.G, L.F)[0].sum()) if len(settings) > 1 else 0.0
-            # a setting that cannot reach the target sparsity (e.g. a small step caps the joint threshold at the
-            # grid's range) must not win just because it prunes less: first the sparsity miss, then the error
-            miss = max(0.0, abs(float(np.mean(res[0] == 0.0)) - config.sparsity) - 2 * SPARSITY_TOL) if prune else 0.0
-            if best is None or (miss, err) < best[0]:
-                best = ((miss, err), st, kappa, res)
-        _, st, kappa, res = best
-        done = res if sub.size == N1 else None
+    per_row = quant and not prune and grid is None and config.granularity != "layer" and len(settings) > 1
+    if per_row:
+        # rows are independent runs of the path following with their own step: every candidate runs on every row
+        # and each neuron keeps the one with the smallest exact error (a layer-wide pick on sampled rows clipped
+        # the few outlier rows of transformer weights; docs/RESULTS.md section 3)
+        runs = [evaluate(st, 1.0, everything) for st in settings]
+        errs = np.stack([_error(L.W, Qs, L.H, L.G, L.F)[0] for Qs, _ in runs])
+        pick = np.argmin(errs, axis=0)
+        Qk = np.stack([r[0] for r in runs])[pick, everything]
+        V = np.stack([r[1] for r in runs])[pick, everything]
+        C_row = np.array([st.C for st in settings])[pick]
+        c_row = np.array([st.c_alpha for st in settings])[pick]
+        st = _Setting(float(np.mean(C_row)), float(np.mean(c_row)),
+                      np.stack([st.scale for st in settings])[pick, everything], settings[0].bs, None)
+        kappa = 1.0
     else:
-        st, kappa, done = settings[0], 1.0, None
-    if done is not None:
-        Qk, V = done
-    elif prune:
-        kappa, (Qk, V) = _fit_kappa(lambda k: evaluate(st, k, everything), config.sparsity, kappa, 1.05)
-    else:
-        Qk, V = evaluate(st, kappa, everything)
+        c_row = None
+        sub = everything if N1 <= SEARCH_ROWS else np.unique(np.linspace(0, N1 - 1, SEARCH_ROWS).round().astype(int))
+        best = None  # (err, setting, kappa, result on sub)
+        if len(settings) > 1 or (prune and sub.size < N1):
+            for st in settings:
+                if prune:
+                    kappa, res = _fit_kappa(lambda k: evaluate(st, k, sub), config.sparsity, 1.0, 1.5)
+                else:
+                    kappa, res = 1.0, evaluate(st, 1.0, sub)
+                err = float(_error(L.W[sub], res[0], L.H, L.G, L.F)[0].sum()) if len(settings) > 1 else 0.0
+                # a setting that cannot reach the target sparsity (e.g. a small step caps the joint threshold at the
+                # grid's range) must not win just because it prunes less: first the sparsity miss, then the error
+                miss = (max(0.0, abs(float(np.mean(res[0] == 0.0)) - config.sparsity) - 2 * SPARSITY_TOL)
+                        if prune else 0.0)
+                if best is None or (miss, err) < best[0]:
+                    best = ((miss, err), st, kappa, res)
+            _, st, kappa, res = best
+            done = res if sub.size == N1 else None
+        else:
+            st, kappa, done = settings[0], 1.0, None
+        if done is not None:
+            Qk, V = done
+        elif prune:
+            kappa, (Qk, V) = _fit_kappa(lambda k: evaluate(st, k, everything), config.sparsity, kappa, 1.05)
+        else:
+            Qk, V = evaluate(st, kappa, everything)
+        C_row = np.full(N1, st.C)
+    if stochastic and config.n_draws > 1 and not prune:
+        # best of several independent draws of xi, per neuron, each row with its own chosen setting
+        Qk, V = np.array(Qk), np.array(V)
+        sq = _error(L.W, Qk, L.H, L.G, L.F)[0]
+        P = params(st, kappa)
+        for _ in range(config.n_draws - 1):
+            draw = rng.random((N1, N0))
+            for C in np.unique(C_row):
+                rows = np.flatnonzero(C_row == C)
+                Qd, Vd = core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), st.bs,
+                              float(C), groups, nkeep)
+                sqd = _error(L.W[rows], Qd, L.H, L.G, L.F)[0]
+                won = sqd < sq[rows]
+                Qk[rows[won]], V[rows[won]], sq[rows[won]] = Qd[won], Vd[won], sqd[won]
     P = params(st, kappa)
     if quant:
-        if not prune and not config.nm and not live.all():
+        if not config.sparsity and not config.nm and not live.all():  # (rtn magnitude-prunes with prune False)
             # Input columns never active on the calibration data do not constrain q; rounding w to nearest there
             # (instead of the kernels' q = 0) costs nothing on that data and keeps the weight for inputs that do
             # fire later: zeroing them cost EfficientNet-Lite0 most of its accuracy (docs/RESULTS.md).
@@ -360,7 +397,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
     info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
                        clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=name,
                        bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
-                       threshold=(kappa * st.base) if prune else None)
+                       threshold=(kappa * st.base) if prune else None, c_alpha_row=c_row)
     return Q, info
 
 

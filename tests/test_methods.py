@@ -12,7 +12,7 @@ from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.methods import CANDIDATES, METHODS, LayerResult, layer_error, spfq
+from onnxspfq.methods import CANDIDATES, METHODS, LayerResult, _candidates, layer_error, spfq
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason=f"real data missing: {FMNIST} "
@@ -57,8 +57,8 @@ def test_codes_times_scale_is_Q_exactly(name, bits, granularity):
             assert info.c_alpha is None
             if granularity == "channel":
                 np.testing.assert_allclose(info.scale[:, 0], np.abs(W).mean(axis=1), rtol=1e-12)
-        elif granularity == "channel":
-            np.testing.assert_allclose(info.scale[:, 0], info.c_alpha * np.abs(W).max(axis=1), rtol=1e-12)
+        elif granularity == "channel":  # a_n = c_alpha_n * max|w_n|, c_alpha_n chosen per channel
+            np.testing.assert_allclose(info.scale[:, 0], info.c_alpha_row * np.abs(W).max(axis=1), rtol=1e-12)
     else:
         assert np.abs(info.codes).max() <= Kmax
         # dead input column (never active on the calibration data): rounded to nearest, as rtn does
@@ -73,21 +73,51 @@ def test_codes_times_scale_is_Q_exactly(name, bits, granularity):
     direct = np.sum((X @ W.T - Xt @ Q.T) ** 2, axis=0)
     np.testing.assert_allclose(info.sq_error, direct, rtol=1e-8, atol=1e-9 * direct.max())
     assert 0.0 <= info.clip_fraction <= 1.0 and info.method == name
-    assert (name == "rtn" and bits == 1) or info.c_alpha in (CANDIDATES.get(bits, ()) + (1.0, 1.25, 1.5, 2.0, 0.3, 0.45, 0.6, 0.8))
+    if not (name == "rtn" and bits == 1):
+        chosen = info.c_alpha_row if granularity != "layer" else np.array([info.c_alpha])
+        assert set(chosen) <= set(_candidates(cfg, name == "spfq"))
+        assert info.c_alpha == pytest.approx(float(np.mean(chosen)))
     assert info.sparsity == np.mean(Q == 0) and info.threshold is None
 
 
 def test_c_alpha_explicit_and_search():
-    W, _, _, stats = _random_layer(seed=1, n1=100)  # N1 > SEARCH_ROWS: search on a row subset, then full run
+    W, _, _, stats = _random_layer(seed=1, n1=100)
     Q1, info1 = spfq(W, stats, QuantConfig(bits=4, c_alpha=0.77), np.random.default_rng(0))
-    assert info1.c_alpha == 0.77
+    assert info1.c_alpha == 0.77 and info1.c_alpha_row is None
     np.testing.assert_allclose(info1.scale[:, 0], 0.77 * np.abs(W).max(axis=1) / 7)
-    _, info2 = spfq(W, stats, QuantConfig(bits=4), np.random.default_rng(0))
-    assert info2.c_alpha in CANDIDATES[4]
-    # the choice is the best candidate on the search rows: check against running each candidate on all rows
-    full = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c), np.random.default_rng(0))[1].sq_error.sum()
+    # per channel: every candidate runs on every row with the same xi; each row keeps the smallest exact error
+    Q2, info2 = spfq(W, stats, QuantConfig(bits=4, draws=1), np.random.default_rng(0))
+    runs = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c, draws=1), np.random.default_rng(0))
             for c in CANDIDATES[4]}
-    assert full[info2.c_alpha] <= 1.25 * min(full.values())
+    errs = np.stack([runs[c][1].sq_error for c in CANDIDATES[4]])
+    np.testing.assert_allclose(info2.sq_error, errs.min(axis=0), rtol=1e-12)
+    for n in range(W.shape[0]):
+        np.testing.assert_array_equal(Q2[n], runs[info2.c_alpha_row[n]][0][n])
+    assert len(set(info2.c_alpha_row)) > 1  # the choice really differs between rows on this layer
+    # per layer (one shared step): one multiplier for the whole layer, picked on the search rows
+    _, info3 = spfq(W, stats, QuantConfig(bits=4, granularity="layer"), np.random.default_rng(0))
+    assert info3.c_alpha in CANDIDATES[4] and info3.c_alpha_row is None
+    full = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c, granularity="layer"), np.random.default_rng(0))[1]
+            .sq_error.sum() for c in CANDIDATES[4]}
+    assert full[info3.c_alpha] <= 1.25 * min(full.values())
+
+
+def test_best_of_draws_per_channel():
+    """draws = k keeps per row the best of k complete runs: never worse than draw 1, and the default at 1-2 bits."""
+    W, _, _, stats = _random_layer(seed=4, n1=40)
+    one = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=1), np.random.default_rng(3))[1]
+    eight = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=8), np.random.default_rng(3))[1]
+    assert np.all(eight.sq_error <= one.sq_error) and eight.sq_error.sum() < 0.9 * one.sq_error.sum()
+    default = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6), np.random.default_rng(3))[1]
+    np.testing.assert_array_equal(default.codes, eight.codes)
+    assert QuantConfig(bits=4).n_draws == 1 and QuantConfig(bits=1).n_draws == 8
+    assert QuantConfig(bits=2, sparsity=0.5).n_draws == 1
+    again = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=8), np.random.default_rng(3))[1]
+    assert again.codes.tobytes() == eight.codes.tobytes()
+    with pytest.raises(OnnxspfqError, match="draws"):
+        QuantConfig(bits=2, sparsity=0.5, draws=4)
+    with pytest.raises(OnnxspfqError, match="draws"):
+        QuantConfig(bits=2, draws=0)
 
 
 def test_seed_reproducible_and_stochastic():
