@@ -32,15 +32,17 @@ def test_spfq_4bit_near_float_and_above_rtn_2bit(fmnist_cnn, fmnist_calib, fmnis
     assert acc_spfq4 >= acc_rtn2 + 0.05
 
 
-def test_1bit_deterministic_path_following_beats_1bit_rtn(fmnist_cnn, fmnist_calib, fmnist_test):
-    """Issue 5's 1-bit claim, as far as it holds: deterministic path following (gpfq, re-fitted scales) beats the
-    classical 1-bit baseline sign(w) * mean|w| on the real test set (measured 84.92 % vs 80.83 %). Stochastic SPFQ
-    does NOT (22.5 %, 52.2 % with refit; docs/RESULTS.md section 3): that is recorded, not asserted away."""
-    gpfq1 = compress(str(fmnist_cnn), str(fmnist_calib), progress=False,
-                     config=CompressConfig(method="gpfq", quant=QuantConfig(bits=1, refit_scale=True))).model
-    rtn1 = compress(str(fmnist_cnn), str(fmnist_calib), progress=False,
-                    config=CompressConfig(method="rtn", quant=QuantConfig(bits=1))).model
-    acc_gpfq = _accuracy(fmnist_cnn, gpfq1, fmnist_test).top1_accuracy_compressed
-    acc_rtn = _accuracy(fmnist_cnn, rtn1, fmnist_test).top1_accuracy_compressed
-    print(f"gpfq-1+refit {100 * acc_gpfq:.2f}%  rtn-1 {100 * acc_rtn:.2f}%")
-    assert acc_gpfq >= acc_rtn + 0.02
+@pytest.mark.parametrize("model, margin", [("cnn", 0.015), ("mlp", 0.03)])
+def test_1bit_spfq_beats_1bit_rtn(request, model, margin):
+    """Issue 5: default stochastic SPFQ at 1 bit (c_n per channel, best of 8 draws) beats the classical 1-bit
+    baseline sign(w) * mean|w| on the real test set. Measured over seeds 0-4 (docs/RESULTS.md section 4): CNN
+    83.38-84.38 % vs RTN 80.83 % (gap >= 2.5 points), MLP 82.60-83.83 % vs 76.77 % (gap >= 5.8); margins 1.5 / 3."""
+    path, calib = request.getfixturevalue(f"fmnist_{model}"), request.getfixturevalue("fmnist_calib")
+    spfq1, rtn1 = (compress(str(path), str(calib), progress=False,
+                            config=CompressConfig(method=m, quant=QuantConfig(bits=1), seed=0)).model
+                   for m in ("spfq", "rtn"))
+    test = request.getfixturevalue("fmnist_test")
+    acc_spfq = _accuracy(path, spfq1, test).top1_accuracy_compressed
+    acc_rtn = _accuracy(path, rtn1, test).top1_accuracy_compressed
+    print(f"{model}: spfq-1 {100 * acc_spfq:.2f}%  rtn-1 {100 * acc_rtn:.2f}%")
+    assert acc_spfq >= acc_rtn + margin

@@ -8,7 +8,9 @@ Configs: onnxspfq methods {rtn, gpfq, spfq, gptq} x bits {8, 4, 3, 2, 1} (fewer 
                     MinMax calibration on the same calibration samples (quantize_static has no weight-only mode,
                     so activations are quantized too: not a like-for-like weight-only comparison);
   ort-nbits-rtn / ort-nbits-gptq / ort-nbits-default   MatMulNBitsQuantizer at 4 bits (RTN and GPTQ algos, and the
-                    default blockwise affine one, block 32): MatMul with constant weights only (MiniLM here).
+                    default blockwise one), all symmetric with block 32 (the asymmetric RTN path of onnxruntime 1.32
+                    crashes on MiniLM): MatMul with constant weights only (MiniLM here). Compare with our
+                    --granularity block --block-size 32 rows.
 Task metric: fmnist top-1 accuracy on the full 10k test set; efficientnet top-1 / top-5 on the 20 labelled photos
 and top-1 agreement with the float model; minilm mean per-sample cosine of sentence_embedding and overlap@10 of
 the cosine nearest neighbours, against the float embeddings stored in minilm_eval.npz.
@@ -136,7 +138,9 @@ def _ort_quantize(kind: str, model_path: Path, feeds: list, out_path: str) -> st
         algo = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(feeds))
     else:
         algo = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4)
-    q = mnb.MatMulNBitsQuantizer(model, algo_config=algo)
+    # symmetric, block 32 for all three (our grid is symmetric too); onnxruntime 1.32's asymmetric RTN path crashes
+    # on MiniLM while packing zero points ("cannot reshape array of size 576 into shape (384,newaxis)")
+    q = mnb.MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, algo_config=algo)
     q.process()
     q.model.save_model_to_file(out_path, use_external_data_format=False)
     return None
@@ -185,7 +189,7 @@ def run_one(spec: dict) -> dict:
             quant = QuantConfig(bits=spec["bits"], sparsity=spec.get("sparsity", 0.0), nm=nm,
                                 refit_scale=spec.get("refit", False), operator=spec.get("operator", "stochastic"),
                                 c_alpha=spec.get("c_alpha"), granularity=spec.get("granularity", "channel"),
-                                block_size=spec.get("block_size", 128))
+                                block_size=spec.get("block_size", 128), draws=spec.get("draws"))
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())))
@@ -246,15 +250,18 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
         elif name == "minilm":
             base = {"model": name, "samples": minilm_samples, "eval_samples": minilm_eval, "batch_size": 1,
                     "calib": "unpadded"}
-            four = [{**base, "method": m, "bits": 4} for m in large_methods] if 4 in large_bits else []
-            four += [{**base, "method": "spfq", "bits": 4, "refit": True},
-                     {**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16},
-                     {**base, "method": "spfq", "bits": 4, "c_alpha": 1.0}]
-            specs[name] = four + [{**base, "method": m, "bits": b} for b in large_bits if b != 4
-                                  for m in ("spfq", "rtn", "gpfq", "gptq") if m in large_methods]
+            grid = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
+            extra = [{**base, "method": m, "bits": 4, "granularity": "block", "block_size": 32}
+                     for m in ("rtn", "gpfq", "spfq")]
+            extra.append({**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16})
+            ort = [{**base, "method": "ort-static-w8a8", "bits": 8}]
+            ort += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
+            specs[name] = grid + extra + ort
         else:
             base = {"model": name, "samples": effnet_samples, "batch_size": effnet_batch}
             specs[name] = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
+            specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8}]
+            specs[name] += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
     order = [m for m in ("fmnist_cnn", "fmnist_mlp", "minilm", "efficientnet_lite0") if m in specs]
     order += [m for m in specs if m not in order]
     return [s for m in order for s in specs[m]], skipped
@@ -277,7 +284,7 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--models", nargs="+", default=["fmnist_mlp", "fmnist_cnn", "efficientnet_lite0", "minilm"])
     p.add_argument("--large-methods", nargs="+", default=list(METHODS))
-    p.add_argument("--large-bits", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--large-bits", nargs="+", type=int, default=list(BITS))
     p.add_argument("--minilm-samples", type=int, default=256)
     p.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences (of 1024)")
     p.add_argument("--effnet-samples", type=int, default=150)

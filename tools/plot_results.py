@@ -24,6 +24,10 @@ def label(r: dict) -> str:
         s += f" c_alpha={r['c_alpha']}"
     if r.get("auto_C"):
         s += " auto-C"
+    if r.get("granularity") == "block":
+        s += f" block{r.get('block_size', 128)}"
+    if r.get("draws") is not None:
+        s += f" draws={r['draws']}"
     prune = f"{r['nm'][0]}:{r['nm'][1]}" if r.get("nm") else (f"{100 * r['sparsity']:.0f}%" if r.get("sparsity") else "")
     if prune:
         s += (" prune " if r.get("bits") is None else " + ") + prune
