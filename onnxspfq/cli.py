@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
     c.add_argument("--draws", type=int, default=None, help="stochastic T: keep per channel the best of this many "
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
+    c.add_argument("--act-order", action="store_true", help="path following / GPTQ over the input columns in "
+                   "decreasing order of their energy (largest inputs first; not with N:M or block granularity)")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
@@ -100,7 +102,7 @@ def _compress(a: argparse.Namespace) -> None:
     fmt = a.format or ("qdq" if bits is not None else "sparse")
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, c_alpha=a.c_alpha, C=a.C, operator=a.operator, granularity=a.granularity,
                         block_size=a.block_size, order=a.order, perfect_alignment=a.perfect_alignment, damp=a.damp,
-                        refit_scale=a.refit_scale, draws=a.draws)
+                        refit_scale=a.refit_scale, draws=a.draws, act_order=a.act_order)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
                             max_patches=a.max_patches, skip=tuple(a.skip), format=fmt, auto_C=a.auto_C)
     from onnxspfq.calib import ImagePreprocess

@@ -34,6 +34,10 @@ class QuantConfig:
         per output channel, the draw with the smallest exact Gram error (Section 6: measurable from the Grams).
         Neurons are independent, so each kept row is one complete SPFQ run; 1 = plain SPFQ. None (default): 8 at
         1 and 2 bits without pruning (where one draw's variance costs most; docs/RESULTS.md section 4), else 1.
+    act_order: process the input columns in decreasing order of their energy diag(H) (GPTQ's act-order) instead of
+        their stored order, so the largest-norm inputs are rounded first and the rest correct them. Any column order
+        is a valid path following; channel / layer granularity without N:M only (blocks and N:M groups are defined
+        along the stored axis).
     bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
@@ -50,6 +54,7 @@ class QuantConfig:
     nm: tuple[int, int] | None = None
     refit_scale: bool = False
     draws: int | None = None
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.bits is None and not (self.sparsity > 0 or self.nm):
@@ -82,6 +87,9 @@ class QuantConfig:
             raise OnnxspfqError(f"draws must be in 1..256, got {self.draws}: e.g. --draws 8")
         if self.draws is not None and self.draws > 1 and (self.sparsity or self.nm):
             raise OnnxspfqError("--draws applies to quantization without pruning: drop --draws or --sparsity")
+        if self.act_order and (self.nm or self.granularity == "block"):
+            raise OnnxspfqError("--act-order permutes the reduction axis: it cannot be combined with N:M or block "
+                                "granularity; drop one of them")
         if self.bits == 1 and (self.sparsity or self.nm):
             raise OnnxspfqError("1-bit codes {-a,+a} have no zero: use --bits 2 (ternary) or more with pruning")
 

@@ -113,6 +113,7 @@ class _Layer:
     F: np.ndarray
     d: np.ndarray
     same: bool  # X~ == X (G == H)
+    perm: np.ndarray | None = None  # act-order: column t of this layer is column perm[t] of the caller's W
 
 
 # Core: (rows, T, xi, P, bs, C, groups, nkeep) -> (Q, V) on W[rows]; built once per call (shared preparation).
@@ -128,7 +129,7 @@ class _Setting:
     base: np.ndarray | None  # per-row base threshold (unstructured pruning)
 
 
-def _prepare(W: np.ndarray, stats: Grams) -> _Layer:
+def _prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> _Layer:
     W = np.asarray(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
         raise OnnxspfqError(f"weight must be a non-empty 2-D (N1, N0) matrix, got shape {W.shape}: reshape it first")
@@ -145,7 +146,14 @@ def _prepare(W: np.ndarray, stats: Grams) -> _Layer:
     scale = np.abs(H).max()
     same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * scale)
     G = H if same else np.ascontiguousarray(G)
-    return _Layer(W, H, G, np.ascontiguousarray(0.5 * (F + F.T)), np.diag(H).copy(), same)
+    F = 0.5 * (F + F.T)
+    perm = None
+    if act_order:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H, G, F = (np.ascontiguousarray(a) for a in (W[:, perm], H[np.ix_(perm, perm)],
+                                                         G[np.ix_(perm, perm)], F[np.ix_(perm, perm)]))
+        G = H if same else G
+    return _Layer(W, H, G, np.ascontiguousarray(F), np.diag(H).copy(), same, perm)
 
 
 def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.ndarray | None:
@@ -400,6 +408,10 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
     else:
         codes, Q, scale = None, np.ascontiguousarray(Qk), None
     sq, rel = _error(L.W, Q, L.H, L.G, L.F)
+    if L.perm is not None:  # back to the caller's column order (errors and per-row figures do not depend on it)
+        inv = np.argsort(L.perm)
+        Q = np.ascontiguousarray(Q[:, inv])
+        codes = None if codes is None else np.ascontiguousarray(codes[:, inv])
     info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
                        clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=name,
                        bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
@@ -439,7 +451,7 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     which ran. Otherwise C = config.C.
     """
     _check_rng(rng)
-    L = _prepare(W, stats)
+    L = _prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     if L.same:
         Wt = L.W  # X~ = X: every alignment returns w itself (exact LS solution), so phase II on W
@@ -466,7 +478,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     """GPFQ: deterministic path following (nearest T, C = 1, merged form); pruning = hard threshold (sparse GPFQ
     baseline) with the threshold fitted to the target sparsity; N:M decided inside the path following."""
     _check_rng(rng)
-    L = _prepare(W, stats)
+    L = _prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
@@ -483,7 +495,7 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     Pruning: hard threshold on the error-updated weights (threshold fitted to the target); N:M: SparseGPT's
     |w| / U_jj score when a group is reached."""
     _check_rng(rng)
-    L = _prepare(W, stats)
+    L = _prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     live = L.d > 0
     # Standard OPTQ: quantize W itself with the Hessian of the compressed model's inputs X~. Quantizing the
@@ -549,7 +561,7 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
     """Round to nearest on the same grid (data-free baseline; the Grams only feed the c_alpha choice and error).
     Pruning: magnitude pruning (unstructured per row, or N:M) first, then rounding of the survivors (or float)."""
     _check_rng(rng)
-    L = _prepare(W, stats)
+    L = _prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     pruned = L.W
     if config.sparsity > 0 or groups is not None:

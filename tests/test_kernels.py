@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import pytest
 
+from gptq_helpers import gptq_factor
 from onnxspfq import kernels as K
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
@@ -180,12 +181,7 @@ def test_same_seed_same_bytes_on_1_and_2_threads():
 
 def test_gptq_blocked_equals_unblocked_reference():
     X, _, W, xi = _problem(seed=8)
-    H = X.T @ X
-    live = np.diag(H) > 0
-    Hd = H.copy()
-    Hd[~live, ~live] = 1.0
-    Hd += 0.01 * np.mean(np.diag(H)) * np.eye(H.shape[0])
-    U = np.linalg.cholesky(np.linalg.inv(Hd)).T  # upper factor of H^-1
+    U, live = gptq_factor(X)  # upper factor of the damped H^-1
     P, bs = _params(W, "nearest", block=False)
     Q, _ = K.gptq_blocked(np.where(live, W, 0.0), U, live, xi, op.nearest_round, P, bs, block=16, inner=5)
     # textbook OPTQ, one column at a time (Frantar et al., Alg. 1 without lazy batching)

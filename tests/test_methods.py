@@ -232,3 +232,22 @@ def test_refit_scale_never_increases_the_exact_error():
         assert np.all(fit.sq_error <= plain.sq_error * (1 + 1e-12))
         assert fit.sq_error.sum() < plain.sq_error.sum()
         assert np.array_equal(Q, fit.codes * fit.scale)
+
+
+@pytest.mark.parametrize("name", ["spfq", "gpfq", "gptq"])
+def test_act_order_is_the_method_on_permuted_columns(name):
+    """act_order runs the same method on the columns sorted by decreasing diag(H) and returns Q in the caller's
+    order: identical to permuting W and the Grams by hand, running, and permuting back."""
+    W, X, Xt, stats = _random_layer(seed=5)
+    perm = np.argsort(-np.diag(stats.H), kind="stable")
+    assert not np.array_equal(perm, np.arange(len(perm)))
+    cfg = QuantConfig(bits=3, c_alpha=0.9, draws=1)
+    Q, info = METHODS[name](W, stats, QuantConfig(bits=3, c_alpha=0.9, draws=1, act_order=True),
+                            np.random.default_rng(0))
+    Qp, infop = METHODS[name](W[:, perm], Grams.from_data(X[:, perm], Xt[:, perm]), cfg, np.random.default_rng(0))
+    inv = np.argsort(perm)
+    np.testing.assert_allclose(Q, Qp[:, inv], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(info.codes, infop.codes[:, inv])
+    np.testing.assert_allclose(info.sq_error, layer_error(W, Q, stats)[0], rtol=1e-9)
+    with pytest.raises(OnnxspfqError, match="act-order"):
+        QuantConfig(bits=4, act_order=True, granularity="block")

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from gptq_helpers import gptq_factor
 from onnxspfq import kernels as K
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
@@ -199,12 +200,7 @@ def test_nm_forms_equal_direct_and_pattern_holds(grouping, T_name, C):
 
 def test_gptq_nm_blocked_equals_sequential():
     X, _, W, xi = _problem(seed=3)
-    H = X.T @ X
-    live = np.diag(H) > 0
-    Hd = H.copy()
-    Hd[~live, ~live] = 1.0
-    Hd += 0.01 * np.mean(np.diag(H)) * np.eye(36)
-    U = np.linalg.cholesky(np.linalg.inv(Hd)).T
+    U, live = gptq_factor(X)  # upper factor of the damped H^-1
     scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
     P = op.grid_params(scale, 4)
     for groups in GROUPINGS.values():

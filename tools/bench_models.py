@@ -189,7 +189,8 @@ def run_one(spec: dict) -> dict:
             quant = QuantConfig(bits=spec["bits"], sparsity=spec.get("sparsity", 0.0), nm=nm,
                                 refit_scale=spec.get("refit", False), operator=spec.get("operator", "stochastic"),
                                 c_alpha=spec.get("c_alpha"), granularity=spec.get("granularity", "channel"),
-                                block_size=spec.get("block_size", 128), draws=spec.get("draws"))
+                                block_size=spec.get("block_size", 128), draws=spec.get("draws"),
+                                act_order=spec.get("act_order", False))
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())))

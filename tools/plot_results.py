@@ -26,6 +26,8 @@ def label(r: dict) -> str:
         s += " auto-C"
     if r.get("granularity") == "block":
         s += f" block{r.get('block_size', 128)}"
+    if r.get("act_order"):
+        s += " act-order"
     if r.get("draws") is not None:
         s += f" draws={r['draws']}"
     prune = f"{r['nm'][0]}:{r['nm'][1]}" if r.get("nm") else (f"{100 * r['sparsity']:.0f}%" if r.get("sparsity") else "")
