@@ -92,9 +92,11 @@ def _stack(parts: list):
     n = np.array([p.rel_error.size for p in parts], dtype=np.float64)
     cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
     mean = lambda name: float(np.dot(n, [getattr(p, name) for p in parts]) / n.sum())
+    rows_c = cat("c_alpha_row")
     return dataclasses.replace(parts[0], codes=cat("codes"), scale=cat("scale"), rel_error=cat("rel_error"),
                                sq_error=cat("sq_error"), clip_fraction=mean("clip_fraction"),
-                               sparsity=mean("sparsity"))
+                               sparsity=mean("sparsity"), c_alpha_row=rows_c, C=mean("C"),
+                               c_alpha=parts[0].c_alpha if rows_c is None else float(rows_c.mean()))
 
 
 def _emit(model: onnx.ModelProto, done: list, weights: dict[str, np.ndarray], config: CompressConfig) -> onnx.ModelProto:

@@ -12,7 +12,8 @@ from onnxspfq.evaluate import Agreement
 
 @dataclass
 class LayerReport:
-    """One compressed layer."""
+    """One compressed layer. c_alpha and C: the values used, averaged over the output channels where each channel
+    chose its own (the default at channel granularity)."""
 
     name: str
     op: str
