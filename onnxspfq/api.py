@@ -127,7 +127,7 @@ def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> on
 def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
     """Layer relative error sum_n ||X w_n - X~ q_n||^2 / sum_n ||X w_n||^2 (neurons with no output count in the
     numerator only, so a dead neuron cannot turn the figure into nan)."""
-    norms = sum(float(np.einsum("ij,jk,ik->", W[r], g.F, W[r])) for r, g in zip(rows, grams))
+    norms = sum(float(np.einsum("ij,ij->", W[r] @ g.F, W[r])) for r, g in zip(rows, grams))
     err = float(np.sum(info.sq_error))
     return err / norms if norms > 0 else (0.0 if err == 0 else float("inf"))
 
@@ -178,8 +178,9 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
         capture.close()
 
     compressed = _emit(model, done, weights, config)
-    for r, (layer, _, _, nm) in zip(layer_reports, done):
-        r.bits_per_weight = 8 * weight_bytes(compressed, layer) / layer.W0.size
+    nbytes = weight_bytes(compressed, [layer for layer, _, _, _ in done])
+    for r, (layer, _, _, nm), size in zip(layer_reports, done, nbytes):
+        r.bits_per_weight = 8 * size / layer.W0.size
         if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
             ok, why = check_nm(weights[layer.weight], layer.op, layer.trans_b, *nm)
             if not ok:

@@ -30,6 +30,8 @@ from onnx import numpy_helper
 from onnxspfq.graph import Layer, weightless
 from onnxspfq.gram import Grams, im2col, patch_count
 
+FLUSH_VALUES = 1 << 22  # rows are folded into the Grams once this many input values are pending (32 MB float64)
+
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """onnxruntime options for many live sessions: no spinning threads, fp32 math for weight-only QDQ MatMul."""
@@ -322,13 +324,25 @@ class Capture:
     def _layer_grams(self, k: int, layer: Layer) -> list[Grams]:
         groups = layer.group_rows()
         out = [Grams(layer.n0) for _ in groups]
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def flush() -> None:
+            # one product per FLUSH_VALUES pending values: adding many small batches (e.g. one sentence each)
+            # into the N0 x N0 Grams would cost three full-matrix updates per batch
+            if pending:
+                X, Xt = (np.concatenate(a) if len(a) > 1 else a[0] for a in zip(*pending))
+                for g, gram in enumerate(out):
+                    cols = slice(g * layer.n0, (g + 1) * layer.n0)
+                    gram.add(X[:, cols], Xt[:, cols])
+                pending.clear()
+
         for b in range(len(self.batches)):
             x = self._float.store[(b, layer.input)].get()
             xt = self._comp.store[(b, layer.input)].get()
-            X, Xt = self._rows(k, b, layer, x), self._rows(k, b, layer, xt)
-            for g, gram in enumerate(out):
-                cols = slice(g * layer.n0, (g + 1) * layer.n0)
-                gram.add(X[:, cols], Xt[:, cols])
+            pending.append((self._rows(k, b, layer, x), self._rows(k, b, layer, xt)))
+            if sum(p[0].size for p in pending) >= FLUSH_VALUES:
+                flush()
+        flush()
         return out
 
     def _rows(self, k: int, b: int, layer: Layer, x: np.ndarray) -> np.ndarray:

@@ -114,6 +114,16 @@ class _Layer:
     d: np.ndarray
     same: bool  # X~ == X (G == H)
     perm: np.ndarray | None = None  # act-order: column t of this layer is column perm[t] of the caller's W
+    _wFw: np.ndarray | None = None  # cached w^T F w per row and W G^T: the Q-independent parts of the error
+    _WG: np.ndarray | None = None
+
+    def error(self, Q: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(||X w_n - X~ q_n||^2, relative error) for Q = the rows `rows` (all when None) of the result."""
+        if self._wFw is None:
+            self._wFw = np.einsum("ij,ij->i", self.W @ self.F, self.W)
+            self._WG = self.W @ self.G.T
+        r = slice(None) if rows is None else rows
+        return _error_terms(self._wFw[r], np.einsum("ij,ij->i", self._WG[r], Q), Q, self.H)
 
 
 # Core: (rows, T, xi, P, bs, C, groups, nkeep) -> (Q, V) on W[rows]; built once per call (shared preparation).
@@ -183,8 +193,10 @@ def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray,
 
 
 def _error(W, Q, H, G, F):
-    wFw = np.einsum("ij,ij->i", W @ F, W)
-    qGw = np.einsum("ij,ij->i", W @ G.T, Q)
+    return _error_terms(np.einsum("ij,ij->i", W @ F, W), np.einsum("ij,ij->i", W @ G.T, Q), Q, H)
+
+
+def _error_terms(wFw, qGw, Q, H):
     qHq = np.einsum("ij,ij->i", Q @ H, Q)
     sq = np.maximum(wFw - 2.0 * qGw + qHq, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -342,7 +354,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
         # and each neuron keeps the one with the smallest exact error (a layer-wide pick on sampled rows clipped
         # the few outlier rows of transformer weights; docs/RESULTS.md section 3)
         runs = [evaluate(st, 1.0, everything) for st in settings]
-        errs = np.stack([_error(L.W, Qs, L.H, L.G, L.F)[0] for Qs, _ in runs])
+        errs = np.stack([L.error(Qs)[0] for Qs, _ in runs])
         pick = np.argmin(errs, axis=0)
         Qk = np.stack([r[0] for r in runs])[pick, everything]
         V = np.stack([r[1] for r in runs])[pick, everything]
@@ -361,7 +373,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
                     kappa, res = _fit_kappa(lambda k: evaluate(st, k, sub), config.sparsity, 1.0, 1.5)
                 else:
                     kappa, res = 1.0, evaluate(st, 1.0, sub)
-                err = float(_error(L.W[sub], res[0], L.H, L.G, L.F)[0].sum()) if len(settings) > 1 else 0.0
+                err = float(L.error(res[0], sub)[0].sum()) if len(settings) > 1 else 0.0
                 # a setting that cannot reach the target sparsity (e.g. a small step caps the joint threshold at the
                 # grid's range) must not win just because it prunes less: first the sparsity miss, then the error
                 miss = (max(0.0, abs(float(np.mean(res[0] == 0.0)) - config.sparsity) - 2 * SPARSITY_TOL)
@@ -382,7 +394,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
     if stochastic and config.n_draws > 1 and not prune:
         # best of several independent draws of xi, per neuron, each row with its own chosen setting
         Qk, V = np.array(Qk), np.array(V)
-        sq = _error(L.W, Qk, L.H, L.G, L.F)[0]
+        sq = L.error(Qk)[0]
         P = params(st, kappa)
         for _ in range(config.n_draws - 1):
             draw = rng.random((N1, N0))
@@ -390,7 +402,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
                 rows = np.flatnonzero(C_row == C)
                 Qd, Vd = core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), st.bs,
                               float(C), groups, nkeep)
-                sqd = _error(L.W[rows], Qd, L.H, L.G, L.F)[0]
+                sqd = L.error(Qd, rows)[0]
                 won = sqd < sq[rows]
                 Qk[rows[won]], V[rows[won]], sq[rows[won]] = Qd[won], Vd[won], sqd[won]
     P = params(st, kappa)
@@ -407,7 +419,7 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
             Q = codes * scale
     else:
         codes, Q, scale = None, np.ascontiguousarray(Qk), None
-    sq, rel = _error(L.W, Q, L.H, L.G, L.F)
+    sq, rel = L.error(Q)
     if L.perm is not None:  # back to the caller's column order (errors and per-row figures do not depend on it)
         inv = np.argsort(L.perm)
         Q = np.ascontiguousarray(Q[:, inv])
