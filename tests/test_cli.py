@@ -127,3 +127,25 @@ def test_console_script_exit_code(tmp_path, calib):
                         "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "x.onnx" in r.stderr
+
+
+@pytest.mark.parametrize("extra, mention", [
+    (["--draws", "0"], "draws"),
+    (["--bits", "2", "--sparsity", "0.5", "--draws", "4"], "draws"),
+    (["--act-order", "--granularity", "block"], "act-order"),
+])
+def test_bad_option_combinations(tmp_path, calib, fmnist_mlp, capsys, extra, mention):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, err = _run(_compress_args(fmnist_mlp, calib, out_dir / "o.onnx", *extra), capsys)
+    _assert_clean_failure(code, err, out_dir, mention)
+
+
+def test_draws_and_act_order_run_end_to_end(tmp_path, calib, fmnist_mlp, capsys):
+    out = tmp_path / "o.onnx"
+    code, _ = _run(_compress_args(fmnist_mlp, calib, out, "--bits", "2", "--draws", "3", "--act-order",
+                                  "--report", str(tmp_path / "r.json")), capsys)
+    assert code == 0 and out.exists()
+    import json
+    layers = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert all(0 < l["rel_error"] < 1 and 0.3 <= l["c_alpha"] <= 0.8 for l in layers)
