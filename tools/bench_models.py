@@ -274,10 +274,11 @@ def _run_child(spec: dict, timeout: int) -> dict:
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "status": "failed", "reason": f"timeout after {timeout} s"}
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    # onnxruntime's MatMulNBits quantizer prints a progress bar without a newline, so RESULT may follow it on a line
+    line = [x[x.index("RESULT ") + len("RESULT "):] for x in proc.stdout.splitlines() if "RESULT {" in x]
     if proc.returncode != 0 or not line:
         return {**spec, "status": "failed", "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1])
 
 
 def main() -> None:
@@ -302,7 +303,7 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown and PNG from the JSON")
     a = p.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(run_one(json.loads(a.one))))
+        print("\nRESULT " + json.dumps(run_one(json.loads(a.one))))
         return
     command = "python tools/bench_models.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     if a.render_only:
