@@ -25,13 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=_sparsity, default=None, metavar="S|N:M", help="prune: a fraction of zero "
                    "weights per layer (e.g. 0.5, stochastic pruning), or N:M (e.g. 2:4) along the reduction axis "
                    "as TensorRT wants; with --bits, quantization and pruning run in one pass")
-    c.add_argument("--auto-C", action="store_true", help="SPFQ: choose C per layer by the exact reconstruction "
-                   "error (overrides --C)")
+    c.add_argument("--auto-C", action="store_true", help="SPFQ: choose C (with c_alpha, per channel or per layer) "
+                   "by the exact reconstruction error (overrides --C)")
     c.add_argument("--method", default="spfq", choices=METHODS)
     c.add_argument("--C", type=float, default=1.0, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
                    "stochastic rounding)")
     c.add_argument("--c-alpha", type=float, default=None, help="step = c_alpha * max|w| / K (default: chosen per "
-                   "layer by the exact reconstruction error)")
+                   "output channel, or per layer with --granularity layer or pruning, by the exact reconstruction error)")
     c.add_argument("--operator", default="stochastic", choices=OPERATORS, help="the operator T")
     c.add_argument("--granularity", default="channel", choices=GRANULARITIES, help="one step per output channel, "
                    "per layer, or per block along the reduction axis (MatMul/Gemm only)")
