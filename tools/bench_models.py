@@ -268,9 +268,10 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
     return [s for m in order for s in specs[m]], skipped
 
 
-def _run_child(spec: dict, timeout: int) -> dict:
+def _run_child(spec: dict, timeout: int, python: str = sys.executable) -> dict:
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=ROOT, text=True,
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([python, __file__, "--one", json.dumps(spec)], cwd=ROOT, text=True, env=env,
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "status": "failed", "reason": f"timeout after {timeout} s"}
@@ -295,6 +296,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="configs run at the same time")
     p.add_argument("--deadline-min", type=float, default=None, help="start no config after this many minutes")
     p.add_argument("--timeout", type=int, default=900, help="seconds per config")
+    p.add_argument("--torch-python", default=None, help="a Python with torch, onnxruntime and this package's "
+                   "dependencies for the ort-nbits-gptq rows (onnxruntime's MatMulNBits GPTQ imports torch)")
     p.add_argument("--json", default="docs/results_models.json")
     p.add_argument("--md", default="docs/RESULTS_models.md")
     p.add_argument("--png", default="docs/accuracy_vs_bits.png")
@@ -325,7 +328,8 @@ def main() -> None:
             if a.deadline_min is not None and t - t_all > 60 * a.deadline_min:
                 res = {**spec, "status": "not run", "reason": f"time budget ({a.deadline_min:g} min) spent"}
             else:
-                res = _run_child(spec, a.timeout)
+                python = a.torch_python if spec["method"] == "ort-nbits-gptq" and a.torch_python else sys.executable
+                res = _run_child(spec, a.timeout, python)
             with lock:
                 doc["results"][i] = res
                 print(f"[{i + 1}/{len(specs)}] {spec['model']} {label(spec)} {spec['bits']}: {res['status']} "
