@@ -342,10 +342,11 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
             return grid_params(st.scale, config.bits)
         return prune_params(None, None, np.zeros(N1), (N1, 1))  # N:M prune only: identity T, no range
 
-    def evaluate(st: _Setting, kappa: float, rows: np.ndarray, draw: np.ndarray = xi):
-        P = params(st, kappa)
-        return core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), st.bs, st.C, groups,
-                    nkeep)
+    def run(rows: np.ndarray, P: np.ndarray, bs: int, C: float, draw: np.ndarray = xi):
+        return core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), bs, C, groups, nkeep)
+
+    def evaluate(st: _Setting, kappa: float, rows: np.ndarray):
+        return run(rows, params(st, kappa), st.bs, st.C)
 
     everything = np.arange(N1)
     per_row = quant and not prune and grid is None and config.granularity != "layer" and len(settings) > 1
@@ -391,21 +392,19 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
         else:
             Qk, V = evaluate(st, kappa, everything)
         C_row = np.full(N1, st.C)
+    P = params(st, kappa)
     if stochastic and config.n_draws > 1 and not prune:
         # best of several independent draws of xi, per neuron, each row with its own chosen setting
         Qk, V = np.array(Qk), np.array(V)
         sq = L.error(Qk)[0]
-        P = params(st, kappa)
         for _ in range(config.n_draws - 1):
             draw = rng.random((N1, N0))
             for C in np.unique(C_row):
                 rows = np.flatnonzero(C_row == C)
-                Qd, Vd = core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), st.bs,
-                              float(C), groups, nkeep)
+                Qd, Vd = run(rows, P, st.bs, float(C), draw)
                 sqd = L.error(Qd, rows)[0]
                 won = sqd < sq[rows]
                 Qk[rows[won]], V[rows[won]], sq[rows[won]] = Qd[won], Vd[won], sqd[won]
-    P = params(st, kappa)
     if quant:
         if not config.sparsity and not config.nm and not live.all():  # (rtn magnitude-prunes with prune False)
             # Input columns never active on the calibration data do not constrain q; rounding w to nearest there

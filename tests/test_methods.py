@@ -1,6 +1,7 @@
 """Methods (spfq, gpfq, gptq, rtn): codes/scales contract, errors, c_alpha choice, real-data quality vs RTN."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -242,8 +243,7 @@ def test_act_order_is_the_method_on_permuted_columns(name):
     perm = np.argsort(-np.diag(stats.H), kind="stable")
     assert not np.array_equal(perm, np.arange(len(perm)))
     cfg = QuantConfig(bits=3, c_alpha=0.9, draws=1)
-    Q, info = METHODS[name](W, stats, QuantConfig(bits=3, c_alpha=0.9, draws=1, act_order=True),
-                            np.random.default_rng(0))
+    Q, info = METHODS[name](W, stats, dataclasses.replace(cfg, act_order=True), np.random.default_rng(0))
     Qp, infop = METHODS[name](W[:, perm], Grams.from_data(X[:, perm], Xt[:, perm]), cfg, np.random.default_rng(0))
     inv = np.argsort(perm)
     np.testing.assert_allclose(Q, Qp[:, inv], rtol=0, atol=1e-12)
