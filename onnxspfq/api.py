@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,18 +21,24 @@ from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.graph import Layer, find_layers, fold_weight_chains, load_model
-from onnxspfq.io import model_size_bytes, save_model_atomic
+from onnxspfq.io import Model, model_file_bytes, save_model
 from onnxspfq.methods import METHODS
 from onnxspfq.operators import nm_groups_for
 from onnxspfq.report import LayerReport, Report, weight_bytes
 
 
-@dataclass
 class CompressionResult:
-    """The compressed model (a proto, also written to `output` when one was given) and its report."""
+    """The compressed model and its report. `model` is the written output loaded with its data on first access
+    (or, when no output path was given, the proto held in memory)."""
 
-    model: onnx.ModelProto
-    report: Report
+    def __init__(self, report: Report, output: str | None = None, model: onnx.ModelProto | None = None) -> None:
+        self.report, self.output, self._model = report, output, model
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = onnx.load(self.output)
+        return self._model
 
 
 def _check_output_path(model_path: str, output: str | None) -> None:
@@ -51,7 +58,7 @@ def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | N
         return None, ""
     m = nm[1]
     if layer.op == "Conv":
-        channels, stride = layer.W0.shape[1], int(np.prod(layer.W0.shape[2:]))
+        channels, stride = layer.shape[1], int(np.prod(layer.shape[2:]))
         if channels % m:
             return None, f"{nm[0]}:{m} not applicable: {channels} input channels per group is no multiple of {m}"
         return nm_groups_for(layer.n0 // layer.groups, m, stride), ""
@@ -60,7 +67,7 @@ def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | N
     return nm_groups_for(layer.n0, m), ""
 
 
-def _quantize_layer(layer: Layer, grams: list, config: CompressConfig, rng: np.random.Generator):
+def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressConfig, rng: np.random.Generator):
     """Run the configured method on each group of the layer; stitch the groups' rows back together.
     Returns (Q, info, note, quant): note says what was adapted for this layer, quant is the config it ran with."""
     quant, notes = config.quant, []
@@ -71,13 +78,12 @@ def _quantize_layer(layer: Layer, grams: list, config: CompressConfig, rng: np.r
     if why:
         notes.append(why)
         if quant.bits is None and not quant.sparsity:  # N:M was the only thing to do: leave the layer alone
-            return layer.matrix(), None, "; ".join(notes + ["left in float"]), quant
+            return W, None, "; ".join(notes + ["left in float"]), quant
         quant = dataclasses.replace(quant, nm=None)
     method = METHODS[config.method]
     kwargs = {"nm_groups": groups} if groups is not None else {}
     if config.auto_C and config.method == "spfq":
         kwargs["auto_C"] = True
-    W = layer.matrix()
     Q = np.empty_like(W)
     parts = []
     for rows, stats in zip(layer.group_rows(), grams):
@@ -99,16 +105,17 @@ def _stack(parts: list):
                                c_alpha=parts[0].c_alpha if rows_c is None else float(rows_c.mean()))
 
 
-def _emit(model: onnx.ModelProto, done: list, weights: dict[str, np.ndarray], config: CompressConfig) -> onnx.ModelProto:
+def _emit(source: Model, done: list, floats: dict[str, np.ndarray], config: CompressConfig) -> onnx.ModelProto:
     """The output graph in the configured format; MatMulNBits falls back to QDQ for layers it cannot hold."""
     bits = config.quant.bits
+    model = source.proto
     if config.format == "sparse":
-        return emit_sparse(model, [(layer, Q) for layer, _, Q, _ in done])
+        return emit_sparse(model, [(layer, layer.matrix(floats[layer.weight])) for layer, _, _ in done])
     if bits is None:  # prune only: float weights
-        return _float_weights(model, weights)
-    items = [(layer, info, bits) for layer, info, _, _ in done]
+        return _float_weights(model, floats)
+    items = [(layer, info, bits) for layer, info, _ in done]
     if config.format == "nbits":
-        model, rest = emit_nbits(model, items)
+        model, rest = emit_nbits(model, items, source=source)
         items = [item for item in items if item[0].name in set(rest)]
         return emit(model, items, fmt="qdq") if items else model
     return emit(model, items, fmt=config.format)
@@ -140,6 +147,8 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
 
     Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given.
     `image_preprocess` says how a folder of images becomes input tensors (see calib.ImagePreprocess).
+    Memory: the model's weights are read one layer at a time and each compressed float weight is dropped once
+    the capture has run its last reader; what stays is the emitted integer codes.
     """
     config = config or CompressConfig()
     t_start = time.perf_counter()
@@ -149,11 +158,13 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
     layers, skipped = find_layers(model, skip=config.skip)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
-    batches = load_calibration(calib, model, samples=config.samples, batch_size=config.batch_size,
+    batches = load_calibration(calib, model.proto, samples=config.samples, batch_size=config.batch_size,
                                image_preprocess=image_preprocess)
 
+    keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
     capture = Capture(model, layers, batches, max_patches=config.max_patches, seed=config.seed, progress=progress)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict = {}
+    floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []
     bar = tqdm(layers, desc="compressing layers", unit="layer", disable=not progress)
     try:
@@ -161,40 +172,65 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
             bar.set_postfix_str(layer.name[-30:])
             t0 = time.perf_counter()
             grams = capture.grams(layer, weights)
+            weights = capture.release(weights)
             rng = np.random.default_rng([config.seed, index])
-            Q, info, note, quant = _quantize_layer(layer, grams, config, rng)
+            W = layer.matrix()
+            Q, info, note, quant = _quantize_layer(layer, W, grams, config, rng)
             if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
                 skipped.append({"name": layer.name, "op": layer.op, "reason": note})
                 continue
             weights[layer.weight] = layer.tensor(Q).astype(np.float32)
-            done.append((layer, info, Q, quant.nm))
+            if keep_floats:
+                floats[layer.weight] = weights[layer.weight]
+            done.append((layer, info, quant.nm))
             layer_reports.append(LayerReport(
-                name=layer.name, op=layer.op, shape=list(layer.W0.shape), bits=config.quant.bits,
-                method=config.method, rel_error=_layer_rel_error(info, layer.matrix(), grams, layer.group_rows()),
+                name=layer.name, op=layer.op, shape=list(layer.shape), bits=config.quant.bits,
+                method=config.method, rel_error=_layer_rel_error(info, W, grams, layer.group_rows()),
                 clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
                 sparsity=float(np.mean(Q == 0)), note=note))
+            del W, Q, grams
     finally:
         capture.close()
+    del weights
 
-    compressed = _emit(model, done, weights, config)
-    nbytes = weight_bytes(compressed, [layer for layer, _, _, _ in done])
-    for r, (layer, _, _, nm), size in zip(layer_reports, done, nbytes):
-        r.bits_per_weight = 8 * size / layer.W0.size
+    compressed = _emit(model, done, floats, config)
+    nbytes = weight_bytes(compressed, [layer for layer, _, _ in done])
+    for r, (layer, info, nm), size in zip(layer_reports, done, nbytes):
+        r.bits_per_weight = 8 * size / int(np.prod(layer.shape))
         if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
-            ok, why = check_nm(weights[layer.weight], layer.op, layer.trans_b, *nm)
+            values = floats[layer.weight] if info.codes is None else layer.tensor(info.codes)
+            ok, why = check_nm(values, layer.op, layer.trans_b, *nm)
             if not ok:
                 raise OnnxspfqError(f"internal check failed: layer {layer.name} does not hold the {nm[0]}:{nm[1]} "
                                     f"pattern ({why}); please report this")
             r.nm = f"{nm[0]}:{nm[1]}"
-    onnx.checker.check_model(compressed, full_check=config.format != "sparse")
-    agreement = evaluate(original, compressed, batches)
+    del floats, done
     report = Report(model=str(model_path), output=output, config=dataclasses.asdict(config), layers=layer_reports,
-                    skipped=skipped, size_before=model_size_bytes(original), size_after=model_size_bytes(compressed),
-                    agreement=agreement)
-    if output is not None:
-        save_model_atomic(compressed, output)
+                    skipped=skipped, size_before=model_file_bytes(str(model_path)))
+    # written beside the target (or in a scratch folder), checked and evaluated from the file, then moved in place
+    target_dir = os.path.dirname(os.path.abspath(output)) if output is not None else None
+    tmpdir = tempfile.mkdtemp(dir=target_dir, prefix=".onnxspfq-", suffix=".tmp")
+    try:
+        name = os.path.basename(output) if output is not None else "compressed.onnx"
+        tmp_path = os.path.join(tmpdir, name)
+        report.size_after = save_model(compressed, tmp_path, source=model)
+        del compressed
+        try:
+            onnx.checker.check_model(tmp_path, full_check=config.format != "sparse")
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise OnnxspfqError(f"internal check failed: the emitted model fails the ONNX checker ({e}); "
+                                "please report this") from None
+        report.agreement = evaluate(str(model_path), tmp_path, batches)
+        result_model = None
+        if output is None:
+            result_model = onnx.load(tmp_path)
+        else:
+            for f in sorted(os.listdir(tmpdir), key=lambda f: f == name):  # data file(s) first, model last
+                os.replace(os.path.join(tmpdir, f), os.path.join(target_dir, f))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     report.time_s = time.perf_counter() - t_start
     if report_path is not None:
         report.to_json(report_path)
-    return CompressionResult(model=compressed, report=report)
+    return CompressionResult(report=report, output=output, model=result_model)

@@ -135,7 +135,7 @@ def _inspect(a: argparse.Namespace) -> None:
 
     layers, skipped = find_layers(fold_weight_chains(load_model(a.model)))
     for layer in layers:
-        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.W0.shape)):<20} groups={layer.groups}")
+        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups}")
     for s in skipped:
         print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")
     print(f"{len(layers)} compressible layer(s), {len(skipped)} left alone")

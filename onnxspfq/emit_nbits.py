@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.io import Model, as_model
 
 MS_DOMAIN = "com.microsoft"
 STORED_BITS = {8: 8, 4: 4, 3: 4, 2: 2, 1: 2}
@@ -177,6 +178,7 @@ def emit_nbits(
     items: Sequence[tuple[Any, Any, int]],
     accuracy_level: int = 0,
     block_size: int | None = None,
+    source: Model | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Return a copy of `model` with each convertible MatMul / Gemm layer replaced by MatMulNBits (see
     `nbits_supported`), and the names of the layers it did not convert (Conv, Gemm with transA / alpha != 1 /
@@ -187,7 +189,9 @@ def emit_nbits(
     accuracy_level: MatMulNBits attribute; 0 or 1 keep fp32 math (exact to fp32 rounding), 4 uses int8
     activations (faster, ~5e-3 relative deviation).
     block_size: force the MatMulNBits block size (power of 2 in 16..256); None picks the smallest file.
+    source: the Model that resolves `model`'s lazily read tensors (a Gemm bias reshaped to [N]).
     """
+    source = source or as_model(model)
     if accuracy_level not in ACCURACY_LEVELS:
         raise OnnxspfqError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
     if block_size is not None and block_size not in BLOCK_SIZES:
@@ -237,7 +241,7 @@ def emit_nbits(
             bias_name = plan.bias.name
             if len(plan.bias.dims) == 2:  # [1, N] -> [N]
                 bias_name = _unique(g, f"{plan.bias.name}_nbits_bias")
-                g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(plan.bias).reshape(N), bias_name))
+                g.initializer.append(numpy_helper.from_array(source.array(plan.bias).reshape(N), bias_name))
                 removed_weights.add(plan.bias.name)
             inputs += ["", "", bias_name]
         new = helper.make_node(

@@ -11,7 +11,7 @@ block-wise scales need opset 21. The default-domain opset is raised only as far 
 rejects).
 
 Layers and results are duck-typed (see graph.Layer and the methods' results):
-  layer: .name, .op, .weight, .W0, .channel_axis, .reduction_axis, .tensor(M) -> M in W0's layout
+  layer: .name, .op, .weight, .shape, .channel_axis, .reduction_axis, .tensor(M) -> M in W0's layout
   result: .codes int8 (N1, N0), .scale float64 (N1, nblocks), .block_size (N0 when not blocked)
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ def _validate(layer: Any, result: Any, bits: int) -> None:
     if codes.dtype != np.int8 or codes.ndim != 2:
         raise OnnxspfqError(f"{where}: codes must be a 2-D int8 array (N1, N0), got {codes.dtype} {codes.shape}")
     n1, n0 = codes.shape
-    if np.shape(layer.tensor(codes)) != np.shape(layer.W0):
-        raise OnnxspfqError(f"{where}: codes {codes.shape} do not map to the weight's shape {np.shape(layer.W0)}")
+    if np.shape(layer.tensor(codes)) != tuple(layer.shape):
+        raise OnnxspfqError(f"{where}: codes {codes.shape} do not map to the weight's shape {tuple(layer.shape)}")
     if not isinstance(result.block_size, (int, np.integer)) or result.block_size < 1:
         raise OnnxspfqError(f"{where}: block_size must be a positive int, got {result.block_size!r}")
     if scale.shape != (n1, _nblocks(n0, int(result.block_size))):
@@ -257,9 +257,9 @@ def emit(model: onnx.ModelProto, items: list[tuple[Any, Any, int]], fmt: str = "
     groups = _group_by_weight(items)
     for layer, _result, _bits in items:
         init = model.graph.initializer[_find_initializer(model.graph, layer.weight)]
-        if tuple(init.dims) != np.shape(layer.W0):
+        if tuple(init.dims) != tuple(layer.shape):
             raise OnnxspfqError(
-                f"weight {layer.weight!r} has shape {tuple(init.dims)} in the model but {np.shape(layer.W0)} in "
+                f"weight {layer.weight!r} has shape {tuple(init.dims)} in the model but {tuple(layer.shape)} in "
                 f"layer {layer.name!r}: pass layers found on this same model"
             )
         _check_consumer(model.graph, layer)

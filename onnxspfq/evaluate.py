@@ -24,12 +24,16 @@ from onnxspfq.io import session_options
 
 TASKS = ("auto", "classify", "embed")
 EMBED_NAME_HINTS = ("embed", "hidden", "pool")
+# Output values kept per model for the agreement check (256 MB float32): a decoder LLM's logits over a whole
+# calibration set would be gigabytes.
+EVAL_MAX_VALUES = 1 << 26
 _CHUNK = 1024  # rows of the similarity matrix held at once in the neighbour metrics
 
 
 def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    """A CPU onnxruntime session with fp32 math pinned (see FORMATS.md), from a proto or a path."""
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    """A CPU onnxruntime session with fp32 math pinned (see FORMATS.md), from a proto or a path (a path lets
+    onnxruntime read external data itself; nothing is serialised)."""
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, sess_options=session_options(), providers=["CPUExecutionProvider"])
 
 
@@ -41,6 +45,13 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         outputs: list[str] | None = None) -> list[np.ndarray]:
     """Outputs of `model` (all, or those named in `outputs`) on all batches, concatenated along the batch axis
     (for batches of different shapes: one row per position of the last axis)."""
+    return _run(model, batches, outputs)[0]
+
+
+def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]], outputs: list[str] | None = None,
+         max_values: float = float("inf")) -> tuple[list[np.ndarray], int]:
+    """run(), stopping after the batch that brings the outputs to `max_values` values; also returns how many
+    batches ran."""
     sess = session(model)
     if outputs is not None:
         names = _output_names(sess)
@@ -48,8 +59,14 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         if missing:
             raise OnnxspfqError(f"the model has no output named {', '.join(missing)}; its outputs are "
                                 f"{', '.join(names)}: pass one of those")
-    per_batch = [sess.run(outputs, feeds) for feeds in batches]
-    return [_concat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
+    per_batch, values = [], 0
+    for feeds in batches:  # bounded: a decoder's logits are [batch, sequence, vocabulary]
+        per_batch.append(sess.run(outputs, feeds))
+        values += sum(int(np.size(o)) for o in per_batch[-1])
+        if values >= max_values:
+            break
+    del sess
+    return [_concat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))], len(per_batch)
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -199,7 +216,7 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None, 
 
 
 def _first_output(model: onnx.ModelProto | str) -> str:
-    m = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     return m.graph.output[0].name
 
 
@@ -210,8 +227,10 @@ def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelPro
     if task not in TASKS:
         raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     name = output or _first_output(float_model)
-    ref = run(float_model, batches, [name])[0]
-    out = run(compressed_model, batches, [name])[0]
+    # one model at a time (a large model and its compressed copy never share memory), outputs capped: the
+    # compressed model runs on exactly the batches the float model's capped outputs cover
+    (ref,), used = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
+    out = run(compressed_model, list(batches)[:used], [name])[0]
     return compare(ref, out, labels, task=task, k=k, output_name=name)
 
 
@@ -238,7 +257,7 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
         except (OSError, ValueError) as err:
             raise OnnxspfqError(f"cannot read data file {data}: {err}") from None
         y = arrays.pop("labels", None)
-        inputs = {s.name for s in model_inputs(float_model)}
+        inputs = {s.name for s in model_inputs(float_model.proto)}
         if inputs <= set(arrays):  # else load_calibration names the missing input
             arrays = {k_: v for k_, v in arrays.items() if k_ in inputs}
         source = arrays
@@ -247,13 +266,13 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
             y = np.load(labels)
         except (OSError, ValueError) as err:
             raise OnnxspfqError(f"cannot read labels file {labels}: {err}; pass an .npy of integer class ids") from None
-    batches = load_calibration(source, float_model, samples=samples, batch_size=batch_size)
+    batches = load_calibration(source, float_model.proto, samples=samples, batch_size=batch_size)
     n = sum(len(next(iter(b.values()))) for b in batches)
     if y is not None:
         if len(y) < n:
             raise OnnxspfqError(f"{len(y)} labels for {n} samples: give one label per sample")
         y = y[:n]
-    names = [o.name for o in float_model.graph.output]
+    names = [o.name for o in float_model.proto.graph.output]
     if output is not None and output not in names:
         raise OnnxspfqError(f"{float_path} has no output named {output!r}; its outputs are {', '.join(names)}")
     if y is not None and task == "embed":

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.io import DERIVED, LAZY_MIN_ELEMENTS, Model, as_model, open_model
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
@@ -22,38 +22,9 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX model (external data is read relative to the file's folder); the file is not changed."""
-    p = Path(path)
-    if not p.is_file():
-        raise OnnxspfqError(f"model file not found: {str(p)!r} is not a file; pass the path of an .onnx model")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise OnnxspfqError(f"{str(p)!r} is not a readable ONNX model (truncated or not ONNX: {_one_line(e)}); "
-                            "re-export or re-download it") from None
-    if model.ir_version == 0 or not model.HasField("graph") or (len(model.graph.node) == 0
-                                                                 and len(model.graph.output) == 0):
-        raise OnnxspfqError(f"{str(p)!r} is not an ONNX model (no graph or IR version found); "
-                            "pass an .onnx file exported by a framework")
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
-        raise OnnxspfqError(f"cannot read the external weight data of {str(p)!r} ({_one_line(e)}); keep the data "
-                            "file(s) next to the model under the names the model records") from None
-    try:
-        if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(p))
-    except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
-        raise OnnxspfqError(f"{str(p)!r} fails the ONNX checker: {_one_line(e)}; fix or re-export the model") from None
-    return model
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
+def load_model(path: str | os.PathLike) -> Model:
+    """Open and check an ONNX model without reading its large weights (see io.open_model); the file is not changed."""
+    return open_model(path)
 
 
 # ----------------------------------------------------------------------------------------------------- node names
@@ -101,38 +72,51 @@ def _constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _chain_value(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
-                 depth: int = 0) -> np.ndarray | None:
-    """Value of `name` if it is a constant reached through Identity / Transpose / Cast / Constant, else None."""
+def _chain(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto], model: Model,
+           depth: int = 0) -> tuple[tuple[int, ...], int, Callable[[], np.ndarray]] | None:
+    """(dims, ONNX dtype, reader) of `name` if it is a constant reached through Identity / Transpose / Cast /
+    Constant, else None. Nothing is read here: the reader computes the value when it is called."""
     if name in inits:
-        return numpy_helper.to_array(inits[name])
+        t = inits[name]
+        return tuple(t.dims), t.data_type, lambda: model.array(t)
     node = producers.get(name)
     if node is None or depth > 64:
         return None
     if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        return _constant_attr(node)
+        value = _constant_attr(node)
+        if value is None:
+            return None
+        return tuple(value.shape), onnx.helper.np_dtype_to_tensor_dtype(value.dtype), lambda: value
     if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
         return None
-    src = _chain_value(node.input[0], producers, inits, depth + 1)
+    src = _chain(node.input[0], producers, inits, model, depth + 1)
     if src is None:
         return None
+    dims, dtype, read = src
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Identity":
         return src
     if node.op_type == "Transpose":
-        perm = attrs.get("perm")
-        return np.ascontiguousarray(np.transpose(src, list(perm) if perm else None))
-    return src.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))  # Cast
+        perm = list(attrs["perm"]) if attrs.get("perm") else list(range(len(dims)))[::-1]
+        return (tuple(dims[p] for p in perm), dtype,
+                lambda: np.ascontiguousarray(np.transpose(read(), perm)))
+    to = int(attrs["to"])  # Cast
+    return dims, to, lambda: read().astype(onnx.helper.tensor_dtype_to_np_dtype(to))
 
 
-def fold_weight_chains(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProto:
     """A copy of `model` where each MatMul / Gemm / Conv weight reached through Identity / Transpose / Cast /
     Constant nodes is a direct initializer (in the layout the node consumes), and unnamed nodes get unique names.
 
-    The folded tensor keeps the chain's output name; chain nodes and initializers left unused are removed.
+    The folded tensor keeps the chain's output name; chain nodes and initializers left unused are removed. For a
+    Model the folded values are computed when read (nothing is materialised); for a proto they are stored in it.
     """
+    as_proto = isinstance(model, onnx.ModelProto)
+    src = as_model(model)
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(src.proto)
+    out = Model(proto=m, base_dir=src.base_dir, path=src.path, inline=src.inline, derived=dict(src.derived),
+                external=src.external)
     g = m.graph
     for node, name in zip(g.node, node_names(g)):
         node.name = name
@@ -150,8 +134,8 @@ def fold_weight_chains(model: onnx.ModelProto) -> onnx.ModelProto:
         if not t or t in inits:
             continue
         if t not in folded:
-            value = _chain_value(t, producers, inits)
-            if value is None:
+            chain = _chain(t, producers, inits, out)
+            if chain is None:
                 continue
             new = t
             if t in graph_outputs:
@@ -161,13 +145,18 @@ def fold_weight_chains(model: onnx.ModelProto) -> onnx.ModelProto:
                 all_names.add(new)
             else:
                 drop_nodes.add(producers[t].name)
-            g.initializer.append(numpy_helper.from_array(np.asarray(value), new))
+            dims, dtype, read = chain
+            if as_proto:
+                g.initializer.append(numpy_helper.from_array(np.asarray(read()), new))
+            else:
+                g.initializer.append(_derived_tensor(new, dims, dtype))
+                out.derived[new] = read
             inits[new] = g.initializer[-1]
             folded[t] = new
             roots |= _chain_sources(t, producers)
         node.input[1] = folded[t]
     if not folded:
-        return m
+        return m if as_proto else out
     kept = [n for n in g.node if n.name not in drop_nodes]
     # dead chain nodes: repeatedly drop Identity / Transpose / Cast / Constant nodes whose outputs nobody reads
     while True:
@@ -188,7 +177,15 @@ def fold_weight_chains(model: onnx.ModelProto) -> onnx.ModelProto:
         keep_inputs = [i for i in g.input if i.name not in unused]
         del g.input[:]
         g.input.extend(keep_inputs)
-    return m
+    return m if as_proto else out
+
+
+def _derived_tensor(name: str, dims: tuple[int, ...], dtype: int) -> onnx.TensorProto:
+    """A data-less initializer whose value the Model computes on read (io.DERIVED marks it)."""
+    t = onnx.TensorProto(name=name, dims=list(dims), data_type=dtype, data_location=onnx.TensorProto.EXTERNAL)
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", DERIVED
+    return t
 
 
 def _used_names_nodes(nodes: list[onnx.NodeProto]) -> set[str]:
@@ -208,12 +205,14 @@ def _chain_sources(name: str, producers: dict[str, onnx.NodeProto]) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ weightless copy
-def weightless(model: onnx.ModelProto, fed: set[str] | None = None, min_elements: int = 1024
+def weightless(model: Model | onnx.ModelProto, fed: set[str] | None = None, min_elements: int = LAZY_MIN_ELEMENTS
                ) -> tuple[onnx.ModelProto, set[str]]:
     """A shape-inferred copy of `model` without its large weights: initializers named in `fed` or with at least
     `min_elements` elements become typed graph inputs (the caller feeds them), small ones (shape constants, biases)
     stay. Returns (proto, names turned into inputs). Never serialises the full model (safe above 2 GB)."""
     fed = set(fed or ())
+    src = as_model(model)
+    model = src.proto
     g = model.graph
     wl = onnx.ModelProto()
     wl.ir_version = model.ir_version
@@ -232,6 +231,8 @@ def weightless(model: onnx.ModelProto, fed: set[str] | None = None, min_elements
             moved.add(t.name)
             if t.name not in declared:
                 wl.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        elif t.name in src.derived or t.data_location == onnx.TensorProto.EXTERNAL:
+            wl.graph.initializer.append(numpy_helper.from_array(np.asarray(src.array(t)), t.name))
         else:
             wl.graph.initializer.append(t)
     try:
@@ -268,7 +269,8 @@ class Layer:
     input: str
     output: str
     weight: str
-    W0: np.ndarray
+    dims: tuple[int, ...]
+    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
     node_index: int = 0
     groups: int = 1
     kernel_shape: tuple[int, ...] = ()
@@ -286,7 +288,13 @@ class Layer:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.W0.shape)
+        return tuple(self.dims)
+
+    @property
+    def W0(self) -> np.ndarray:
+        """The weight as the node reads it, float32, read from its model now (not kept: a layer of a large model
+        holds no weight between calls)."""
+        return np.ascontiguousarray(self.read(), dtype=np.float32)
 
     @property
     def channel_axis(self) -> int:
@@ -308,15 +316,16 @@ class Layer:
 
     @property
     def n1(self) -> int:
-        return int(self.W0.shape[self.channel_axis])
+        return int(self.dims[self.channel_axis])
 
     @property
     def n0(self) -> int:
-        return int(self.W0.size // self.n1)
+        return int(np.prod(self.dims, dtype=np.int64) // self.n1)
 
-    def matrix(self) -> np.ndarray:
-        """W (N1 x N0) float64: MatMul B.T, Gemm B (transB) or B.T, Conv W0.reshape(M, -1)."""
-        w = np.asarray(self.W0, dtype=np.float64)
+    def matrix(self, w0: np.ndarray | None = None) -> np.ndarray:
+        """W (N1 x N0) float64: MatMul B.T, Gemm B (transB) or B.T, Conv W0.reshape(M, -1); of `w0` when given
+        (an array in W0's layout), else of the layer's own weight."""
+        w = np.asarray(self.W0 if w0 is None else w0, dtype=np.float64)
         if self.op == "Conv":
             return np.ascontiguousarray(w.reshape(w.shape[0], -1))
         if self.op == "Gemm" and self.trans_b:
@@ -330,7 +339,7 @@ class Layer:
             raise ValueError(f"layer {self.name}: expected a ({self.n1}, {self.n0}) matrix, got {W.shape}")
         dtype = W.dtype if np.issubdtype(W.dtype, np.integer) else np.float32
         if self.op == "Conv":
-            out = W.reshape(self.W0.shape)
+            out = W.reshape(self.dims)
         elif self.op == "Gemm" and self.trans_b:
             out = W
         else:
@@ -370,13 +379,14 @@ def conv_pads(spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[
 
 
 # ---------------------------------------------------------------------------------------------------- find_layers
-def find_layers(model: onnx.ModelProto, skip: tuple[str, ...] | list[str] = ()) -> tuple[list[Layer], list[dict]]:
+def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str] = ()) -> tuple[list[Layer], list[dict]]:
     """The compressible layers of `model` (call on fold_weight_chains' output) in topological order, and the
     MatMul / Gemm / Conv nodes left out as {"name", "op", "reason"} (plus one entry counting other op types).
 
     A weight used by several nodes is compressed once: the first user is the Layer, `shared_with` names the others.
     """
-    g = model.graph
+    src = as_model(model)
+    g = src.graph
     names = node_names(g)
     skip = tuple(skip)
     unknown = [s for s in skip if s not in set(names)]
@@ -390,7 +400,7 @@ def find_layers(model: onnx.ModelProto, skip: tuple[str, ...] | list[str] = ()) 
         for t in set(node.input):
             if t in inits:
                 consumers.setdefault(t, []).append(i)
-    shapes = _value_shapes(weightless(model)[0])
+    shapes = _value_shapes(weightless(src)[0])
 
     skipped: list[dict] = []
     eligible: dict[int, str] = {}  # node index -> weight name
@@ -416,7 +426,7 @@ def find_layers(model: onnx.ModelProto, skip: tuple[str, ...] | list[str] = ()) 
             continue
         if w in by_weight:
             continue
-        layer = _make_layer(node, names[i], i, inits[w], shapes)
+        layer = _make_layer(node, names[i], i, inits[w], shapes, src)
         layer.shared_with = [names[j] for j in consumers[w] if j != i]
         by_weight[w] = layer
         layers.append(layer)
@@ -449,17 +459,16 @@ def _ineligible(node: onnx.NodeProto, inits: dict, overridable: set[str]) -> str
         return f"weight has rank {rank} (only 2-D weights are compressed)"
     if node.op_type == "Conv" and rank not in (3, 4, 5):
         return f"Conv weight has rank {rank} (1-D, 2-D and 3-D Conv are supported)"
-    if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
-        return "weight data was not loaded (load the model with its external data)"
     return None
 
 
 def _make_layer(node: onnx.NodeProto, name: str, index: int, init: onnx.TensorProto,
-                shapes: dict[str, tuple[int | None, ...]]) -> Layer:
+                shapes: dict[str, tuple[int | None, ...]], model: Model) -> Layer:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    raw = numpy_helper.to_array(init)
+    dims = tuple(int(d) for d in init.dims)
     layer = Layer(name=name, op=node.op_type, input=node.input[0], output=node.output[0], weight=init.name,
-                  W0=np.ascontiguousarray(raw, dtype=np.float32), node_index=index, weight_dtype=raw.dtype,
+                  dims=dims, read=lambda: model.array(init), node_index=index,
+                  weight_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)),
                   input_shape=shapes.get(node.input[0]),
                   bias=node.input[2] if len(node.input) > 2 and node.input[2] else None)
     if node.op_type == "Gemm":
@@ -467,9 +476,9 @@ def _make_layer(node: onnx.NodeProto, name: str, index: int, init: onnx.TensorPr
         layer.trans_b = bool(attrs.get("transB", 0))
         layer.alpha = float(attrs.get("alpha", 1.0))
     elif node.op_type == "Conv":
-        nd = raw.ndim - 2
+        nd = len(dims) - 2
         layer.groups = int(attrs.get("group", 1))
-        layer.kernel_shape = tuple(int(k) for k in attrs.get("kernel_shape", raw.shape[2:]))
+        layer.kernel_shape = tuple(int(k) for k in attrs.get("kernel_shape", dims[2:]))
         layer.strides = tuple(int(s) for s in attrs.get("strides", (1,) * nd))
         layer.dilations = tuple(int(d) for d in attrs.get("dilations", (1,) * nd))
         ap = attrs.get("auto_pad", b"NOTSET")

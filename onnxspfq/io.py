@@ -1,73 +1,473 @@
-"""Writing models safely and opening onnxruntime sessions with faithful settings.
+"""Opening models without their weights, writing them tensor by tensor, and the one onnxruntime session setting.
 
-`save_model_atomic` never leaves a half-written model behind: it writes to a temporary file in the target
-directory and renames it into place (os.replace is atomic on one file system). Models too big for one protobuf
-(> 2 GiB) are written with their large tensors in a data file beside the model.
+`open_model` reads an .onnx file's graph into memory but not its large initializers: their bytes stay where they
+are (inside the .onnx file itself, or in its external data files) and `Model.array` reads one tensor when it is
+needed. Why not onnx.load / onnx-ir / onnx-graphsurgeon: all three parse the whole file into one protobuf first
+(a 1.9 GB inline model costs its file bytes plus the parsed copy, and protobuf refuses messages over 2 GiB), so
+the file is scanned here at the protobuf wire level instead and each large main-graph initializer is recorded as
+an external reference (file, offset, length) to the bytes already on disk. Every model, inline or external, is
+then handled the same way: a small header proto plus tensors read per name.
+
+`save_model` writes a header proto plus its tensors' bytes (copied from their source files, computed, or held in
+memory) to a temporary file or folder beside the target and renames it into place: the target is either the
+complete new model or untouched. The output keeps its tensors inline when it fits in one protobuf and the input
+had no external data (bytes then equal `SerializeToString` of the loaded model), else it writes them to
+`<name>.data` beside the model, one tensor at a time.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
-from onnx import TensorProto
+from google.protobuf.message import DecodeError, EncodeError
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxspfq.errors import OnnxspfqError
 
-# Above this the model is saved with external data (protobuf refuses to serialise 2 GiB; keep a margin).
+# Outputs above this are written with external data (protobuf refuses to serialise 2 GiB; keep a margin).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# Tensors at least this big go to the data file (onnx's own default).
+# Tensors with at least this many bytes go to the data file (onnx's own default).
 _TENSOR_SIZE_THRESHOLD = 1024
+# Initializers with at least this many elements are read lazily (smaller ones, shape constants and small biases,
+# stay in the header: sub-models and converters need their values).
+LAZY_MIN_ELEMENTS = 1024
+_COPY_CHUNK = 1 << 26  # bytes copied per read when a tensor moves from one file to another
+DERIVED = "onnxspfq-derived"  # external_data location of a tensor computed on read (a folded weight chain)
 
 
-def session_options() -> ort.SessionOptions:
-    """onnxruntime options for evaluation: no spinning threads, fp32 math for weight-only QDQ MatMuls.
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The one set of onnxruntime options (capture, evaluation): no spinning threads, fp32 weight-only QDQ math.
 
     Without `qdq_matmulnbits_accuracy_level=0` onnxruntime rewrites DQ -> MatMul into MatMulNBits with
     int8-quantized activations (about 5e-3 relative deviation), so outputs would not match a fake-quant reference.
+    Spinning off: the capture keeps one session per segment alive, and spinning pools would fight for the cores.
     """
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
     return so
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+# ------------------------------------------------------------------------------------------- protobuf wire level
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    return _varint((field_number << 3) | wire_type)
+
+
+class _Reader:
+    """Sequential reads of a file's protobuf fields; skips length-delimited payloads without reading them."""
+
+    def __init__(self, f, size: int) -> None:
+        self.f, self.size = f, size
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            c = self.f.read(1)
+            if not c:
+                raise ValueError("truncated varint")
+            value |= (c[0] & 0x7F) << shift
+            if c[0] < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    def fields(self, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """(field number, wire type, start of the field's tag, start of its payload) up to `end`."""
+        while self.f.tell() < end:
+            start = self.f.tell()
+            key = self.varint()
+            yield key >> 3, key & 7, start, self.f.tell()
+
+    def skip(self, wire_type: int) -> int:
+        """Skip one payload; returns the payload length for length-delimited fields."""
+        if wire_type == 0:
+            self.varint()
+        elif wire_type == 1:
+            self.f.seek(8, os.SEEK_CUR)
+        elif wire_type == 5:
+            self.f.seek(4, os.SEEK_CUR)
+        elif wire_type == 2:
+            n = self.varint()
+            if self.f.tell() + n > self.size:
+                raise ValueError("field runs past the end of the file")
+            self.f.seek(n, os.SEEK_CUR)
+            return n
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        return 0
+
+    def copy(self, start: int) -> bytes:
+        """The bytes from `start` to the current position."""
+        end = self.f.tell()
+        self.f.seek(start)
+        data = self.f.read(end - start)
+        return data
+
+
+@dataclass(frozen=True)
+class _Inline:
+    """Where an initializer's raw bytes sit inside the model file, and whether it set data_location explicitly."""
+
+    offset: int
+    length: int
+    had_location: bool
+    location_value: int = 0
+
+
+def _scan_tensor(r: _Reader, end: int, location: str) -> tuple[bytes, str, _Inline | None]:
+    """A TensorProto's bytes with a large raw_data payload replaced by an external reference to the file."""
+    parts: list[bytes] = []
+    name, raw, count, had_loc, loc_val, dims = "", None, 1, False, 0, []
+    while r.f.tell() < end:
+        start = r.f.tell()
+        key = r.varint()
+        number, wt = key >> 3, key & 7
+        if number == 9 and wt == 2:  # raw_data
+            n = r.varint()
+            raw = (r.f.tell(), n)
+            r.f.seek(n, os.SEEK_CUR)
+            parts.append(b"")  # placeholder, decided below
+            raw_index = len(parts) - 1
+            raw_start = start
+            continue
+        if number == 8 and wt == 2:  # name
+            n = r.varint()
+            name = r.f.read(n).decode("utf-8", errors="replace")
+            parts.append(r.copy(start))
+            continue
+        if number == 1:  # dims: packed or not
+            if wt == 2:
+                n = r.varint()
+                blob = r.f.read(n)
+                pos = 0
+                while pos < len(blob):
+                    v, pos = _read_varint(blob, pos)
+                    dims.append(v)
+            else:
+                dims.append(r.varint())
+            parts.append(r.copy(start))
+            continue
+        if number == 14 and wt == 0:
+            loc_val = r.varint()
+            had_loc = True
+            parts.append(r.copy(start))
+            continue
+        r.skip(wt)
+        parts.append(r.copy(start))
+    for d in dims:
+        count *= d
+    if raw is None or count < LAZY_MIN_ELEMENTS or raw[1] < _TENSOR_SIZE_THRESHOLD or (had_loc and loc_val != 0):
+        if raw is not None:
+            r.f.seek(raw_start)
+            parts[raw_index] = r.f.read(raw[0] + raw[1] - raw_start)
+            r.f.seek(end)
+        return b"".join(parts), name, None
+    parts = [p for i, p in enumerate(parts) if i != raw_index and not p.startswith(_tag(14, 0))]
+    ext = b"".join(_tag(13, 2) + _varint(len(e)) + e for e in (
+        _entry("location", location), _entry("offset", str(raw[0])), _entry("length", str(raw[1]))))
+    body = b"".join(parts) + ext + _tag(14, 0) + _varint(TensorProto.EXTERNAL)
+    return body, name, _Inline(raw[0], raw[1], had_loc, loc_val)
+
+
+def _entry(key: str, value: str) -> bytes:
+    k, v = key.encode(), value.encode()
+    return _tag(1, 2) + _varint(len(k)) + k + _tag(2, 2) + _varint(len(v)) + v
+
+
+def _scan_graph(r: _Reader, end: int, location: str, inline: dict[str, _Inline]) -> bytes:
+    parts = []
+    for number, wt, start, _payload in r.fields(end):
+        if number == 5 and wt == 2:  # initializer
+            n = r.varint()
+            body, name, where = _scan_tensor(r, r.f.tell() + n, location)
+            if where is not None:
+                inline[name] = where
+            parts.append(_tag(5, 2) + _varint(len(body)) + body)
+        else:
+            r.skip(wt)
+            parts.append(r.copy(start))
+    return b"".join(parts)
+
+
+def _scan_model(path: str) -> tuple[bytes, dict[str, _Inline]]:
+    """The model file's bytes without the raw payloads of its large main-graph initializers (each replaced by an
+    external reference to its place in the file), and where those payloads are."""
+    inline: dict[str, _Inline] = {}
+    location = os.path.basename(path)
+    size = os.path.getsize(path)
+    parts = []
+    with open(path, "rb", buffering=1 << 16) as f:
+        r = _Reader(f, size)
+        for number, wt, start, _payload in r.fields(size):
+            if number == 7 and wt == 2:  # graph
+                n = r.varint()
+                body = _scan_graph(r, r.f.tell() + n, location, inline)
+                parts.append(_tag(7, 2) + _varint(len(body)) + body)
+            else:
+                r.skip(wt)
+                parts.append(r.copy(start))
+    return b"".join(parts), inline
+
+
+# ------------------------------------------------------------------------------------------------------ Model
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Initializers of a graph and of all its subgraphs (If / Loop / Scan bodies)."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(attr.g)
+                yield from graph_tensors(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graph_tensors(g)
+                    yield from graph_tensors(g)
 
 
-def _external_length(t: TensorProto) -> int:
-    for entry in t.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    return 0
+def _subgraph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from graph_tensors(sub)
 
 
-def _is_external(t: TensorProto) -> bool:
+def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
 
-def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Size of the model's serialised protobuf plus its already-external tensor data, in bytes.
+def _external_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
 
-    Exact below 2 GiB (protobuf's ByteSize, which encodes the message: about 3 s per GB). protobuf cannot
-    size a bigger message, so there it returns the sum of the tensors' raw payloads, a slight underestimate.
+
+def tensor_nbytes(t: TensorProto) -> int | None:
+    """Bytes of a tensor's raw payload from its dims and type (None for strings)."""
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    storage = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}.get(t.data_type)
+    if bits is None and hasattr(TensorProto, "INT2") and t.data_type in (TensorProto.INT2, TensorProto.UINT2):
+        bits = 2
+    if bits is not None:
+        return -(-n * bits // 8)
+    return n * storage.itemsize
+
+
+@dataclass
+class Model:
+    """An ONNX model whose graph is in memory and whose large initializers are read one at a time.
+
+    proto: the graph; each large main-graph initializer is an external reference (location relative to
+    `base_dir`) to bytes on disk: in the .onnx file itself (names in `inline`) or in its external data files.
+    derived: initializers computed on read (folded weight chains: name -> function returning the array).
+    external: whether the file on disk used external data (the output then does too).
     """
-    tensors = list(_graph_tensors(model.graph))
-    external = sum(_external_length(t) for t in tensors if _is_external(t))
-    payload = sum(len(t.raw_data) for t in tensors)  # one tensor's bytes copied at a time
+
+    proto: onnx.ModelProto
+    base_dir: str = ""
+    path: str | None = None
+    inline: dict[str, _Inline] = field(default_factory=dict)
+    derived: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
+    external: bool = False
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    def initializer(self, name: str) -> TensorProto:
+        for t in self.proto.graph.initializer:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def array(self, t: TensorProto | str) -> np.ndarray:
+        """One initializer's value (read from disk when it is an external reference)."""
+        if isinstance(t, str):
+            t = self.initializer(t)
+        if t.name in self.derived:
+            return self.derived[t.name]()
+        if not is_external(t):
+            return numpy_helper.to_array(t)
+        path, offset, length = self.locate(t)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        if dtype.kind in "biuf" and dtype.itemsize * int(np.prod(t.dims, dtype=np.int64)) == length:
+            with open(path, "rb") as f:  # straight into the array: no bytes copy of a large tensor
+                f.seek(offset)
+                arr = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=length // max(dtype.itemsize, 1))
+            return arr.astype(dtype, copy=False).reshape(tuple(t.dims))
+        tmp = TensorProto()
+        tmp.CopyFrom(t)
+        tmp.ClearField("external_data")
+        tmp.ClearField("data_location")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            tmp.raw_data = f.read(length)
+        return numpy_helper.to_array(tmp)
+
+    def locate(self, t: TensorProto) -> tuple[str, int, int]:
+        """(file, offset, length) of an external tensor's bytes."""
+        info = _external_info(t)
+        path = os.path.join(self.base_dir, info["location"])
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else os.path.getsize(path) - offset
+        return path, offset, length
+
+    def raw_chunks(self, t: TensorProto) -> Iterator[bytes]:
+        """A tensor's raw payload in chunks (for writing it elsewhere without holding it whole)."""
+        if t.name in self.derived:
+            yield numpy_helper.from_array(np.asarray(self.derived[t.name]()), t.name).raw_data
+            return
+        if not is_external(t):
+            yield numpy_helper.from_array(numpy_helper.to_array(t), t.name).raw_data if not t.HasField(
+                "raw_data") else t.raw_data
+            return
+        path, offset, length = self.locate(t)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while length > 0:
+                chunk = f.read(min(length, _COPY_CHUNK))
+                if not chunk:
+                    raise OnnxspfqError(f"external data file {path} ended early while reading tensor {t.name!r}: "
+                                        "restore the complete data file")
+                length -= len(chunk)
+                yield chunk
+
+    def weight_bytes(self) -> int:
+        """Bytes of all initializers' payloads (what the memory targets are stated against)."""
+        return sum(tensor_nbytes(t) or 0 for t in graph_tensors(self.proto.graph))
+
+
+def as_model(model: Model | onnx.ModelProto) -> Model:
+    """A Model for an in-memory proto (its data inline or derived), or the Model itself."""
+    return model if isinstance(model, Model) else Model(proto=model)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def open_model(path: str | os.PathLike) -> Model:
+    """Open and check an ONNX model without reading its large weights (external data resolved relative to the
+    model's folder; every reference checked against its file's size now, before any long work)."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise OnnxspfqError(f"model file not found: {p!r} is not a file; pass the path of an .onnx model")
+    try:
+        header, inline = _scan_model(p)
+        proto = onnx.ModelProto.FromString(header)
+    except (DecodeError, ValueError, OSError, UnicodeDecodeError) as e:
+        raise OnnxspfqError(f"{p!r} is not a readable ONNX model (truncated or not ONNX: {_one_line(e)}); "
+                            "re-export or re-download it") from None
+    if proto.ir_version == 0 or not proto.HasField("graph") or (len(proto.graph.node) == 0
+                                                                and len(proto.graph.output) == 0):
+        raise OnnxspfqError(f"{p!r} is not an ONNX model (no graph or IR version found); "
+                            "pass an .onnx file exported by a framework")
+    base_dir = os.path.dirname(os.path.abspath(p))
+    model = Model(proto=proto, base_dir=base_dir, path=p, inline=inline)
+    model.external = _check_external(model) > 0
+    _load_small_external(model)
+    try:  # by path: the checker then resolves external data against the model's folder and never needs 2 GiB
+        onnx.checker.check_model(p)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+        raise OnnxspfqError(f"{p!r} fails the ONNX checker: {_one_line(e)}; fix or re-export the model") from None
+    return model
+
+
+def _check_external(model: Model) -> int:
+    """Check every external reference of the file (not those made by the scan); returns how many there are."""
+    count = 0
+    real_base = os.path.realpath(model.base_dir)
+    for t in graph_tensors(model.proto.graph):
+        if not is_external(t) or t.name in model.inline:
+            continue
+        count += 1
+        info = _external_info(t)
+        loc = info.get("location", "")
+        where = f"tensor {t.name!r} of {model.path!r}"
+        if not loc or os.path.isabs(loc) or not os.path.realpath(os.path.join(real_base, loc)).startswith(
+                real_base + os.sep):
+            raise OnnxspfqError(f"{where} names external data {loc!r} outside the model's folder: keep the data "
+                                "file(s) beside the model under relative names")
+        file = os.path.join(model.base_dir, loc)
+        if not os.path.isfile(file):
+            raise OnnxspfqError(f"external data file {file!r} of {where} is missing: keep the data file(s) next to "
+                                "the model under the names the model records")
+        size = os.path.getsize(file)
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise OnnxspfqError(f"{where} has a malformed external data offset/length: re-export the model") from None
+        expected = tensor_nbytes(t)
+        if offset < 0 or offset + length > size:
+            raise OnnxspfqError(f"external data file {file!r} is truncated: {where} needs bytes {offset}.."
+                                f"{offset + length} but the file has {size}; restore the complete data file")
+        if expected is not None and length != expected:
+            raise OnnxspfqError(f"{where} records {length} bytes of external data in {file!r} but its shape and type "
+                                f"need {expected}: the data file does not belong to this model; re-export it")
+    return count
+
+
+def _load_small_external(model: Model) -> None:
+    """Read small external initializers into the header (sub-models and converters need their values)."""
+    for t in graph_tensors(model.proto.graph):
+        if is_external(t) and t.name not in model.inline:
+            n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+            if n < LAZY_MIN_ELEMENTS:
+                _materialize(model, t)
+
+
+def _materialize(model: Model, t: TensorProto) -> None:
+    raw = b"".join(model.raw_chunks(t))
+    t.ClearField("external_data")
+    t.ClearField("data_location")
+    t.raw_data = raw
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Serialised size of an in-memory model plus its already-external tensor data, in bytes (past 2 GiB, where
+    protobuf cannot size a message, the sum of the tensors' payloads, a slight underestimate)."""
+    tensors = list(graph_tensors(model.graph))
+    external = sum(int(_external_info(t).get("length", 0)) for t in tensors if is_external(t))
+    payload = sum(len(t.raw_data) for t in tensors)
     if payload < 2**31:
         try:
             return model.ByteSize() + external
@@ -76,6 +476,15 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
     return payload + external
 
 
+def model_file_bytes(path: str) -> int:
+    """Size on disk of a model file plus every external data file it references."""
+    header = onnx.load(path, load_external_data=False)
+    files = {_external_info(t).get("location") for t in graph_tensors(header.graph) if is_external(t)}
+    base = os.path.dirname(os.path.abspath(path))
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(base, f)) for f in files if f)
+
+
+# ------------------------------------------------------------------------------------------------------ saving
 def _check_target(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -85,86 +494,193 @@ def _check_target(path: str) -> str:
     return directory
 
 
-def _write_bytes_atomic(data: bytes, path: str, directory: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _public(path: str) -> None:
+    """Give a written file the mode a plain open() would (mkstemp makes it 0600, unreadable to a service user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
 
 
-def _save_external(model: onnx.ModelProto, path: str, directory: str) -> None:
-    """Write `path` plus `path.data` through a temporary directory, then move data first, model last.
+def _split(data: bytes, after: int) -> tuple[bytes, bytes]:
+    """Split a serialised message before its first field numbered above `after` (fields are in number order)."""
+    pos = 0
+    while pos < len(data):
+        key, p = _read_varint(data, pos)
+        if key >> 3 > after:
+            return data[:pos], data[pos:]
+        wt = key & 7
+        if wt == 0:
+            _, p = _read_varint(data, p)
+        elif wt == 1:
+            p += 8
+        elif wt == 5:
+            p += 4
+        elif wt == 2:
+            n, p = _read_varint(data, p)
+            p += n
+        pos = p
+    return data, b""
 
-    The tensors' raw bytes are moved out of the proto only for serialisation and restored afterwards, so the
-    caller's model is left as it was.
+
+def _without(msg, skip: str):
+    """A new message of msg's type holding every set field but `skip` (no copy of the skipped field's data)."""
+    out = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(out, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
+
+
+class _Writer:
+    """Streams a model to a file: header parts in field order, tensor payloads copied from their sources."""
+
+    def __init__(self, f, source: Model) -> None:
+        self.f, self.source = f, source
+
+    def tensor_pieces(self, t: TensorProto) -> tuple[int, list]:
+        """(serialised size, pieces) of one initializer written inline; pieces are bytes or a tensor to stream."""
+        if not self._lazy(t):
+            data = t.SerializeToString()
+            return len(data), [data]
+        clean = TensorProto()
+        clean.CopyFrom(t)
+        clean.ClearField("external_data")
+        clean.ClearField("data_location")
+        where = self.source.inline.get(t.name)
+        if where is not None and where.had_location:
+            clean.data_location = where.location_value
+        if t.name in self.source.derived:  # a folded chain: exactly what numpy_helper.from_array writes
+            data = numpy_helper.from_array(np.asarray(self.source.derived[t.name]()), t.name).SerializeToString()
+            return len(data), [data]
+        head, tail = _split(clean.SerializeToString(), 9)
+        _, _, n = self.source.locate(t)
+        lead = head + _tag(9, 2) + _varint(n)
+        return len(lead) + n + len(tail), [lead, t, tail]
+
+    def _lazy(self, t: TensorProto) -> bool:
+        return t.name in self.source.derived or (is_external(t) and not t.HasField("raw_data"))
+
+    def write_inline(self, proto: onnx.ModelProto) -> None:
+        graph = proto.graph
+        shell, g_shell = _without(proto, "graph"), _without(graph, "initializer")
+        g_head, g_tail = _split(g_shell.SerializeToString(), 5)
+        tensors = []
+        g_size = len(g_head) + len(g_tail)
+        for t in graph.initializer:
+            size, pieces = self.tensor_pieces(t)
+            lead = _tag(5, 2) + _varint(size)
+            tensors.append([lead] + pieces)
+            g_size += len(lead) + size
+        m_head, m_tail = _split(shell.SerializeToString(), 7)
+        self.f.write(m_head)
+        if proto.HasField("graph"):
+            self.f.write(_tag(7, 2) + _varint(g_size) + g_head)
+            for pieces in tensors:
+                for piece in pieces:
+                    if isinstance(piece, TensorProto):
+                        for chunk in self.source.raw_chunks(piece):
+                            self.f.write(chunk)
+                    else:
+                        self.f.write(piece)
+            self.f.write(g_tail)
+        self.f.write(m_tail)
+
+    def write_external(self, proto: onnx.ModelProto, data_f, location: str) -> onnx.ModelProto:
+        """Move every tensor of >= 1 KiB into `data_f`; returns the header that references it (the in-memory
+        tensors are not copied: the header gets data-less copies)."""
+        out, graph = _without(proto, "graph"), _without(proto.graph, "initializer")
+        for t in proto.graph.initializer:
+            graph.initializer.append(self._moved(t, data_f, location))
+        for t in _subgraph_tensors(graph):  # If / Loop bodies: their tensors were copied with the nodes
+            t.CopyFrom(self._moved(t, data_f, location))
+        out.graph.CopyFrom(graph)
+        return out
+
+    def _moved(self, t: TensorProto, data_f, location: str) -> TensorProto:
+        lazy = self._lazy(t)
+        if not lazy and len(t.raw_data) < _TENSOR_SIZE_THRESHOLD:
+            return t
+        offset = data_f.tell()
+        for chunk in (self.source.raw_chunks(t) if lazy else [t.raw_data]):
+            data_f.write(chunk)
+        length = data_f.tell() - offset
+        h = _without(t, "raw_data")
+        h.ClearField("external_data")
+        h.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = h.external_data.add()
+            entry.key, entry.value = key, value
+        return h
+
+
+def _payload_bytes(proto: onnx.ModelProto, source: Model) -> int:
+    total = 0
+    for t in graph_tensors(proto.graph):
+        if t.name in source.derived or (is_external(t) and not t.HasField("raw_data")):
+            total += tensor_nbytes(t) or 0
+        else:
+            total += len(t.raw_data)
+    return total
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source: Model | None = None,
+               external: bool | None = None) -> int:
+    """Write `proto` (whose lazy tensors `source` resolves) to `path` atomically; returns the bytes written.
+
+    external: None writes external data (`<name>.data` beside the model, tensors of >= 1 KiB) when the source
+    had external data or the payload passes EXTERNAL_DATA_THRESHOLD, else one inline file; True / False force it.
     """
-    location = os.path.basename(path) + ".data"
+    path = os.fspath(path)
+    directory = _check_target(path)
+    source = source or Model(proto=proto)
+    if external is None:
+        external = source.external or _payload_bytes(proto, source) > EXTERNAL_DATA_THRESHOLD
+    writer = _Writer(None, source)
     tmpdir = tempfile.mkdtemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    # (tensor, offset and length in the data file, original data_location or None when unset)
-    moved: list[tuple[TensorProto, int, int, int | None]] = []
-    data_tmp = os.path.join(tmpdir, location)
     model_tmp = os.path.join(tmpdir, os.path.basename(path))
     try:
-        try:
-            with open(data_tmp, "wb") as f:
-                for t in _graph_tensors(model.graph):
-                    raw = t.raw_data if t.HasField("raw_data") else b""
-                    if len(raw) >= _TENSOR_SIZE_THRESHOLD:
-                        offset = f.tell()
-                        f.write(raw)
-                        length = len(raw)
-                        del raw
-                        moved.append((t, offset, length, t.data_location if t.HasField("data_location") else None))
-                        t.ClearField("raw_data")
-                        t.data_location = TensorProto.EXTERNAL
-                        del t.external_data[:]
-                        for key, value in (("location", location), ("offset", offset), ("length", length)):
-                            entry = t.external_data.add()
-                            entry.key, entry.value = key, str(value)
+        if external:
+            location = os.path.basename(path) + ".data"
+            data_tmp = os.path.join(tmpdir, location)
+            with open(data_tmp, "wb") as data_f:
+                header = writer.write_external(proto, data_f, location)
+                data_f.flush()
+                os.fsync(data_f.fileno())
+            with open(model_tmp, "wb") as f:
+                f.write(header.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
-            _write_bytes_atomic(model.SerializeToString(), model_tmp, tmpdir)
-        finally:  # put the bytes back into the caller's proto, whatever happened
-            if moved:
-                with open(data_tmp, "rb") as f:
-                    for t, offset, length, location_before in moved:
-                        f.seek(offset)
-                        del t.external_data[:]
-                        if location_before is None:
-                            t.ClearField("data_location")
-                        else:
-                            t.data_location = location_before
-                        t.raw_data = f.read(length)
-        os.replace(data_tmp, os.path.join(directory, location))
+            _public(data_tmp)
+            _public(model_tmp)
+            written = os.path.getsize(data_tmp) + os.path.getsize(model_tmp)
+            os.replace(data_tmp, os.path.join(directory, location))
+        else:
+            with open(model_tmp, "wb") as f:
+                writer.f = f
+                writer.write_inline(proto)
+                f.flush()
+                os.fsync(f.fileno())
+            _public(model_tmp)
+            written = os.path.getsize(model_tmp)
         os.replace(model_tmp, path)
+        return written
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def save_model_atomic(
-    model: onnx.ModelProto, path: str | os.PathLike, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
-) -> None:
-    """Save `model` to `path` so that `path` is either the complete new model or untouched.
-
-    Models whose serialised size exceeds `external_data_threshold` bytes are written with tensors of 1 KiB
-    or more in `<path>.data` beside the model (the model file references it by that relative name).
-    """
-    path = os.fspath(path)
-    directory = _check_target(path)
-    for t in _graph_tensors(model.graph):
-        if _is_external(t) and not t.HasField("raw_data"):
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """Save an in-memory `model` so that `path` is either the complete new model or untouched (external data
+    when its payload passes `external_data_threshold` bytes)."""
+    for t in graph_tensors(model.graph):
+        if is_external(t) and not t.HasField("raw_data"):
             raise OnnxspfqError(
-                f"tensor {t.name!r} still lives in an external file: load the model with its external data "
-                "(onnx.load(path, load_external_data=True)) before saving"
-            )
-    if model_size_bytes(model) > external_data_threshold:
-        _save_external(model, path, directory)
-    else:
-        _write_bytes_atomic(model.SerializeToString(), path, directory)
+                f"tensor {t.name!r} still lives in an external file: save it with io.save_model and its source "
+                "Model, or load the model with its external data first")
+    save_model(model, path, external=_payload_bytes(model, Model(proto=model)) > external_data_threshold)
