@@ -35,7 +35,7 @@ from onnxspfq.gram import Grams, im2col, patch_count
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
 MEMORY_LIMIT_MB = 64
-FLUSH_VALUES = 1 << 22  # rows are folded into the Grams once this many input values are pending (32 MB float64)
+FLUSH_VALUES = 1 << 20  # rows are folded into the Grams once this many input values are pending (8 MB float64)
 
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, batches: list[dict[str, np.ndarray]],
