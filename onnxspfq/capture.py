@@ -34,7 +34,7 @@ from onnxspfq.gram import Grams, im2col, patch_count
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
-MEMORY_LIMIT_MB = 64
+MEMORY_LIMIT_MB = 16
 FLUSH_VALUES = 1 << 20  # rows are folded into the Grams once this many input values are pending (8 MB float64)
 
 
