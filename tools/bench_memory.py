@@ -71,11 +71,12 @@ def main() -> None:
         base = rows[-1]["peak_rss_mb"]
         case("fmnist_cnn 8192 samples", cnn, os.path.join(d, "c8192.npz"), [], 1.1 * base)
         try:
-            from llm_weights import ensure_tiny, write_calib
-            tiny = ensure_tiny(d)
-            write_calib(os.path.join(d, "tiny_calib.npz"), tiny, 16, 128, seed=0)
-            case("qwen2 tiny (default)", tiny, os.path.join(d, "tiny_calib.npz"), [],
-                 1.5 * weight_bytes(tiny) / 2**20 + 1024)
+            from llm_weights import ensure_tiny, write_tokens
+            tiny = str(ensure_tiny(d))
+            write_tokens(os.path.join(d, "tiny_calib.npz"), 8192, 16, 128, seed=0)
+            for extra in ([], ["--method", "gptq", "--format", "nbits"]):
+                case(f"qwen2 tiny 16x128 tokens {' '.join(extra) or '(default)'}", tiny,
+                     os.path.join(d, "tiny_calib.npz"), extra, 1.5 * weight_bytes(tiny) / 2**20 + 1024)
         except ImportError as e:
             print(f"qwen2 tiny skipped: {e}")
         minilm = Path.home() / ".cache" / "onnxspfq" / "models" / "minilm"
