@@ -54,3 +54,20 @@ def test_tiny_qwen2_compresses_and_runs(tiny, tmp_path, args):
     # held-out logits stay aligned with float; an un-quantized run would give 1, a broken graph about 0
     assert cos > 0.7
     assert os.path.getsize(tmp_path / "q.onnx.data") < 0.6 * os.path.getsize(str(model) + ".data")
+
+
+def test_row_chunks_give_the_same_weights_for_a_deterministic_method(tiny, tmp_path, monkeypatch):
+    """The lm_head (8192 x 384) cut into 4 row chunks: GPTQ's output bytes equal the unchunked run's."""
+    import onnxspfq.api as api
+
+    model, calib, _ = tiny
+    out = {}
+    for name, cap in (("whole", api.ROW_CHUNK_WEIGHTS), ("chunked", 8192 * 384 // 4)):
+        monkeypatch.setattr(api, "ROW_CHUNK_WEIGHTS", cap)
+        path = tmp_path / name / "q.onnx"
+        path.parent.mkdir()
+        assert main(["compress", str(model), "--calib", str(calib), "-o", str(path), "--method", "gptq", "-q",
+                     "--samples", "2"]) == 0
+        out[name] = (path.read_bytes(), (path.parent / "q.onnx.data").read_bytes())
+    assert api._row_chunks(slice(0, 8192), 384, api.CompressConfig().quant) != [slice(0, 8192)]
+    assert out["whole"] == out["chunked"]
