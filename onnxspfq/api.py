@@ -95,8 +95,8 @@ def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressCo
 
 
 # Rows per method call are capped at this many weights: output neurons are independent path-following (and GPTQ)
-# problems given the Grams, and a method holds several float64 copies of its rows (a 0.6 B decoder's tied
-# lm_head, 151936 x 1024, peaked at 7.6 GB in one call).
+# problems given the Grams, and a method holds several float64 copies of its rows (GPTQ on a 0.6 B decoder's
+# tied lm_head, 151936 x 1024, in one call was OOM-killed at 24 GB).
 ROW_CHUNK_WEIGHTS = 1 << 24
 
 

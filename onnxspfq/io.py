@@ -110,12 +110,12 @@ class _Reader:
             if shift > 63:
                 raise ValueError("varint too long")
 
-    def fields(self, end: int) -> Iterator[tuple[int, int, int, int]]:
-        """(field number, wire type, start of the field's tag, start of its payload) up to `end`."""
+    def fields(self, end: int) -> Iterator[tuple[int, int, int]]:
+        """(field number, wire type, start of the field's tag) up to `end`; the reader stands at the payload."""
         while self.f.tell() < end:
             start = self.f.tell()
             key = self.varint()
-            yield key >> 3, key & 7, start, self.f.tell()
+            yield key >> 3, key & 7, start
 
     def skip(self, wire_type: int) -> int:
         """Skip one payload; returns the payload length for length-delimited fields."""
@@ -139,8 +139,7 @@ class _Reader:
         """The bytes from `start` to the current position."""
         end = self.f.tell()
         self.f.seek(start)
-        data = self.f.read(end - start)
-        return data
+        return self.f.read(end - start)
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ def _entry(key: str, value: str) -> bytes:
 
 def _scan_graph(r: _Reader, end: int, location: str, inline: dict[str, _Inline]) -> bytes:
     parts = []
-    for number, wt, start, _payload in r.fields(end):
+    for number, wt, start in r.fields(end):
         if number == 5 and wt == 2:  # initializer
             n = r.varint()
             body, name, where = _scan_tensor(r, r.f.tell() + n, location)
@@ -237,7 +236,7 @@ def _scan_model(path: str) -> tuple[bytes, dict[str, _Inline]]:
     parts = []
     with open(path, "rb", buffering=1 << 16) as f:
         r = _Reader(f, size)
-        for number, wt, start, _payload in r.fields(size):
+        for number, wt, start in r.fields(size):
             if number == 7 and wt == 2:  # graph
                 n = r.varint()
                 body = _scan_graph(r, r.f.tell() + n, location, inline)
@@ -354,9 +353,8 @@ class Model:
         if t.name in self.derived:
             yield numpy_helper.from_array(np.asarray(self.derived[t.name]()), t.name).raw_data
             return
-        if not is_external(t):
-            yield numpy_helper.from_array(numpy_helper.to_array(t), t.name).raw_data if not t.HasField(
-                "raw_data") else t.raw_data
+        if not is_external(t):  # in the header: raw bytes, or typed fields (float_data ...) encoded as raw
+            yield t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
             return
         path, offset, length = self.locate(t)
         with open(path, "rb") as f:
@@ -432,8 +430,7 @@ def _check_external(model: Model) -> int:
                                 "the model under the names the model records")
         size = os.path.getsize(file)
         try:
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else size - offset
+            file, offset, length = model.locate(t)
         except ValueError:
             raise OnnxspfqError(f"{where} has a malformed external data offset/length: re-export the model") from None
         expected = tensor_nbytes(t)
