@@ -12,7 +12,8 @@ import onnx
 from onnx import numpy_helper
 from tqdm.auto import tqdm
 
-from onnxspfq.calib import ImagePreprocess, load_calibration
+from onnxspfq import output_files
+from onnxspfq.calib import ImagePreprocess, load_calibration, source_files
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit_nbits import emit_nbits
@@ -20,11 +21,12 @@ from onnxspfq.emit_qdq import emit
 from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
+from onnxspfq.gram import Grams
 from onnxspfq.graph import Layer, find_layers, fold_weight_chains, load_model
 from onnxspfq.io import Model, model_file_bytes, save_model
 from onnxspfq.methods import METHODS
 from onnxspfq.operators import nm_groups_for
-from onnxspfq.report import LayerReport, Report, weight_bytes
+from onnxspfq.report import LayerReport, Report, file_sha256, weight_bytes
 
 
 class CompressionResult:
@@ -39,16 +41,6 @@ class CompressionResult:
         if self._model is None:
             self._model = onnx.load(self.output)
         return self._model
-
-
-def _check_output_path(model_path: str, output: str | None) -> None:
-    if output is None:
-        return
-    if os.path.exists(output) and os.path.samefile(output, model_path):
-        raise OnnxspfqError(f"output path {output} is the input model: choose another -o path (the input is never modified)")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise OnnxspfqError(f"output directory {out_dir} does not exist: create it or choose another -o path")
 
 
 def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | None, str]:
@@ -155,30 +147,57 @@ def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
     return err / norms if norms > 0 else (0.0 if err == 0 else float("inf"))
 
 
-def compress(model_path: str, calib, output: str | None = None, config: CompressConfig | None = None,
-             report_path: str | None = None, progress: bool = True,
-             image_preprocess: ImagePreprocess | None = None) -> CompressionResult:
-    """Compress every MatMul / Gemm / Conv with a constant weight of `model_path`, layer by layer in topological
-    order, from calibration data `calib` (a path or an onnxruntime CalibrationDataReader).
+class _DataFree:
+    """The capture of a run without calibration data (rtn only): identity Grams per group, so rtn picks its steps
+    by the weight-space error and reports it."""
 
-    Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given.
-    `image_preprocess` says how a folder of images becomes input tensors (see calib.ImagePreprocess).
+    def grams(self, layer: Layer, weights: dict) -> list[Grams]:
+        return [Grams.identity(layer.n0) for _ in layer.group_rows()]  # n0 is per group
+
+    def release(self, weights: dict) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
+             report_path: str | None = None, progress: bool = True,
+             image_preprocess: ImagePreprocess | None = None, compare_output: str | None = None,
+             batch_axes: dict[str, int] | None = None) -> CompressionResult:
+    """Compress every MatMul / Gemm / Conv with a constant weight of `model_path`, layer by layer in topological
+    order, from calibration data `calib` (a path or an onnxruntime CalibrationDataReader; None only for rtn,
+    which then rounds without data and the output agreement is not measured).
+
+    Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given, both or
+    neither. `image_preprocess` says how images become input tensors (see calib.ImagePreprocess);
+    `compare_output` names the model output the agreement check compares (default: the first); `batch_axes`
+    gives inputs' sample axes where the model's symbolic dims do not (see calib.model_inputs).
     Memory: the model's weights are read one layer at a time and each compressed float weight is dropped once
     the capture has run its last reader; what stays is the emitted integer codes.
     """
     config = config or CompressConfig()
     t_start = time.perf_counter()
-    _check_output_path(str(model_path), output)
+    if calib is None and config.method != "rtn":
+        raise OnnxspfqError(f"--method {config.method} learns from data: pass --calib (a .npz keyed by the model's "
+                            "input names, a .npy, or a folder of arrays or images), or use --method rtn, which needs none")
     original = load_model(str(model_path))
+    output_files.check({"-o": output, "--report": report_path}, original.files() + source_files(calib))
+    names = [o.name for o in original.proto.graph.output]
+    if compare_output is not None and compare_output not in names:
+        raise OnnxspfqError(f"--output {compare_output!r} is not an output of {model_path} (its outputs are "
+                            f"{', '.join(names)}); the file to write is given by -o")
     model = fold_weight_chains(original)
     layers, skipped = find_layers(model, skip=config.skip)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
-    batches = load_calibration(calib, model.proto, samples=config.samples, batch_size=config.batch_size,
-                               image_preprocess=image_preprocess)
+    batches = [] if calib is None else load_calibration(
+        calib, model.proto, samples=config.samples, batch_size=config.batch_size, image_preprocess=image_preprocess,
+        batch_axes=batch_axes)
 
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = Capture(model, layers, batches, max_patches=config.max_patches, seed=config.seed, progress=progress)
+    capture = _DataFree() if calib is None else Capture(model, layers, batches, max_patches=config.max_patches,
+                                                        seed=config.seed, progress=progress)
     weights: dict = {}
     floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []
@@ -223,30 +242,41 @@ def compress(model_path: str, calib, output: str | None = None, config: Compress
             r.nm = f"{nm[0]}:{nm[1]}"
     del floats, done
     report = Report(model=str(model_path), output=output, config=dataclasses.asdict(config), layers=layer_reports,
-                    skipped=skipped, size_before=model_file_bytes(str(model_path)))
-    # written beside the target (or in a scratch folder), checked and evaluated from the file, then moved in place
-    target_dir = os.path.dirname(os.path.abspath(output)) if output is not None else None
-    tmpdir = tempfile.mkdtemp(dir=target_dir, prefix=".onnxspfq-", suffix=".tmp")
+                    skipped=skipped, size_before=model_file_bytes(str(model_path)), effective=config.effective())
+    # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
+    # the file, then moved in place together with the report: both or neither
+    scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
+    target = output if output is not None else os.path.join(scratch, "compressed.onnx")
+    result_model = None
     try:
-        name = os.path.basename(output) if output is not None else "compressed.onnx"
-        tmp_path = os.path.join(tmpdir, name)
-        report.size_after = save_model(compressed, tmp_path, source=model)
-        del compressed
-        try:
-            onnx.checker.check_model(tmp_path, full_check=config.format != "sparse")
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise OnnxspfqError(f"internal check failed: the emitted model fails the ONNX checker ({e}); "
-                                "please report this") from None
-        report.agreement = evaluate(str(model_path), tmp_path, batches)
-        result_model = None
+        with output_files.Staging([t for t in (report_path, target) if t is not None]) as staging:
+            tmp_path = staging.path(target)
+            try:
+                report.size_after = save_model(compressed, tmp_path, source=model)
+            except OSError as err:
+                raise output_files.write_error(err, target) from None
+            del compressed
+            try:
+                onnx.checker.check_model(tmp_path, full_check=config.format != "sparse")
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                raise OnnxspfqError(f"internal check failed: the emitted model fails the ONNX checker ({e}); "
+                                    "please report this") from None
+            if batches:
+                report.agreement = evaluate(str(model_path), tmp_path, batches, output=compare_output)
+            else:
+                report.warnings.append("no calibration data: the output agreement with the float model was not "
+                                       "measured; pass --calib to measure it")
+            report.input_sha256, report.output_sha256 = file_sha256(str(model_path)), file_sha256(tmp_path)
+            report.time_s = time.perf_counter() - t_start
+            if report_path is not None:
+                try:
+                    report.to_json(staging.path(report_path))
+                except OSError as err:
+                    raise output_files.write_error(err, report_path) from None
+            staging.commit()
         if output is None:
-            result_model = onnx.load(tmp_path)
-        else:
-            for f in sorted(os.listdir(tmpdir), key=lambda f: f == name):  # data file(s) first, model last
-                os.replace(os.path.join(tmpdir, f), os.path.join(target_dir, f))
+            result_model = onnx.load(target)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    report.time_s = time.perf_counter() - t_start
-    if report_path is not None:
-        report.to_json(report_path)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return CompressionResult(report=report, output=output, model=result_model)

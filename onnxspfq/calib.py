@@ -1,13 +1,16 @@
 """Calibration data: read feeds from .npz / .npy / a folder / images / an onnxruntime CalibrationDataReader,
 check them against the model's inputs, and cut them into batches.
 
-Convention: axis 0 of every input is the sample (batch) axis. All sources are first turned into one stacked array
-per input (S samples), then checked and split into batches of `batch_size` samples; when the model fixes axis 0
-to B (e.g. 1), every batch has exactly B samples.
+Batch axis: per input, the axis holding the model's symbolic batch dim (the dim name the inputs share, e.g. "batch"
+at axis 0 of x and axis 1 of an RNN state h0 [2, batch, 128]), else axis 0; `batch_axes` overrides it per input.
+Inside this module every array is held with its batch axis first; batches get the model's layout back. All sources
+are first turned into one stacked array per input (S samples), then checked and split into batches of
+`batch_size` samples; when the model fixes the batch dim to B (e.g. 1), every batch has exactly B samples.
 """
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,58 +44,104 @@ class ImagePreprocess:
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
             raise OnnxspfqError(f"unknown image layout {self.layout!r}: use 'NCHW' or 'NHWC'")
+        if self.size is not None and not all(isinstance(v, int) and 1 <= v <= 16384 for v in self.size):
+            raise OnnxspfqError(f"image size must be two integers in 1..16384, got {tuple(self.size)}: e.g. "
+                                "--image-size 224 224")
+        if not all(np.isfinite(v) for v in (*self.mean, *self.std, self.scale)):
+            raise OnnxspfqError("image mean, std and scale must be finite numbers")
         if any(s == 0 for s in self.std):
             raise OnnxspfqError("image std must be non-zero in every channel")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, numpy dtype, shape (None for a dynamic dim)."""
+    """One model input: name, numpy dtype, shape (None for a dynamic dim), its sample axis (see the module
+    docstring) and the shape with that axis first (`front`, how this module holds the arrays)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    batch_axis: int = 0
+
+    @property
+    def front(self) -> tuple[int | None, ...]:
+        b = self.batch_axis
+        return self.shape if b == 0 else (self.shape[b],) + self.shape[:b] + self.shape[b + 1:]
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (initializers that are also listed as inputs are excluded)."""
+def model_inputs(model: onnx.ModelProto, batch_axes: Mapping[str, int] | None = None) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers that are also listed as inputs are excluded), each with its
+    batch axis: `batch_axes[name]` where given, else where the shared symbolic batch dim sits, else 0."""
     inits = {t.name for t in model.graph.initializer}
-    specs = []
+    raw = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise OnnxspfqError(f"model input {vi.name} is not a tensor (a sequence or map): calibration feeds "
+                                "tensors only")
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, dims))
+        params = tuple(d.dim_param if d.HasField("dim_param") else None for d in tt.shape.dim)
+        raw.append((vi.name, dtype, dims, params))
+    batch_axes = dict(batch_axes or {})
+    unknown = sorted(set(batch_axes) - {r[0] for r in raw})
+    if unknown:
+        raise OnnxspfqError(f"--batch-axis names {', '.join(unknown)}, which the model does not take as input; its "
+                            f"inputs are {', '.join(r[0] for r in raw)}")
+    # the batch dim's name: the symbolic axis-0 dim of the first input that has one (exporters name it once and
+    # reuse it, e.g. "batch" in x [batch, seq, 16] and h0 [2, batch, 128])
+    name = next((p[0] for _, _, d, p in raw if p and p[0]), None)
+    specs = []
+    for n, dtype, dims, params in raw:
+        axis = batch_axes.get(n, params.index(name) if name is not None and name in params else 0)
+        if dims and not 0 <= axis < len(dims):
+            raise OnnxspfqError(f"--batch-axis {n}={axis}: input {n} has rank {len(dims)}, so the axis must be in "
+                                f"0..{len(dims) - 1}")
+        specs.append(InputSpec(n, dtype, dims, axis if dims else 0))
     return specs
 
 
 def load_calibration(source: Any, model: onnx.ModelProto, samples: int | None = None, batch_size: int = 16,
-                     image_preprocess: ImagePreprocess | dict | None = None) -> list[dict[str, np.ndarray]]:
+                     image_preprocess: ImagePreprocess | dict | None = None,
+                     batch_axes: Mapping[str, int] | None = None) -> list[dict[str, np.ndarray]]:
     """Batches of feeds {input name: array} for `model` from `source`.
 
     source: path to a .npz (keys = input names) or .npy (single-input models) file; a folder of .npy / .npz files
     (each one sample or a batch, read in sorted name order) or of images (needs Pillow; see ImagePreprocess);
     an onnxruntime CalibrationDataReader (get_next() -> dict or None); a dict of arrays; or a list of dicts.
-    samples: keep at most this many samples (None: all).
+    samples: keep at most this many samples (None: all). batch_axes: {input: axis} (see the module docstring).
+    An .npz may also hold `images` (uint8 pixels, [N, H, W] or [N, H, W, C]) for a one-input image model: they
+    go through `image_preprocess` as image files do.
     """
     if batch_size < 1:
         raise OnnxspfqError(f"batch_size must be >= 1, got {batch_size}")
     if samples is not None and samples < 1:
         raise OnnxspfqError(f"samples must be >= 1, got {samples}")
-    specs = model_inputs(model)
+    specs = model_inputs(model, batch_axes)
     if not specs:
         raise OnnxspfqError("the model has no inputs to feed; calibration needs a model with at least one input")
     if isinstance(image_preprocess, dict):
         image_preprocess = ImagePreprocess(**image_preprocess)
-    chunks = _read_source(source, specs, image_preprocess or ImagePreprocess())
+    chunks = [_to_front(c, specs) for c in _read_source(source, specs, image_preprocess or ImagePreprocess())]
+    front = [InputSpec(s.name, s.dtype, s.front) for s in specs]
     out: list[dict[str, np.ndarray]] = []
-    for run in _runs_of_one_shape(chunks, specs):  # e.g. token sequences of different lengths, unpadded
-        left = None if samples is None else samples - sum(_count(b, specs) for b in out)
+    for run in _runs_of_one_shape(chunks, front):  # e.g. token sequences of different lengths, unpadded
+        left = None if samples is None else samples - sum(_count(b, front) for b in out)
         if left is not None and left <= 0:
             break
-        out += _batches(_stack(run, specs), specs, left, batch_size)
+        out += _batches(_stack(run, front), front, left, batch_size)
+    return [{s.name: np.moveaxis(b[s.name], 0, s.batch_axis) if s.batch_axis else b[s.name] for s in specs}
+            for b in out]
+
+
+def _to_front(chunk: dict, specs: list[InputSpec]) -> dict:
+    """A chunk with each input's batch axis moved first (a single sample, one rank short, is left as it is)."""
+    out = dict(chunk)
+    for s in specs:
+        if s.batch_axis and s.name in out and np.ndim(out[s.name]) == len(s.shape):
+            out[s.name] = np.moveaxis(np.asarray(out[s.name]), s.batch_axis, 0)
     return out
 
 
@@ -115,6 +164,14 @@ def _count(batch: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
     return next((len(batch[s.name]) for s in specs if len(s.shape) > 0), 1)
 
 
+def source_files(source: Any) -> list[str]:
+    """The files a calibration source reads (a path, or the files of a folder); none for in-memory sources."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    p = Path(source)
+    return [str(f) for f in sorted(p.iterdir()) if f.is_file()] if p.is_dir() else [str(p)]
+
+
 # ---------------------------------------------------------------------------------------------------- reading
 def _read_source(source: Any, specs: list[InputSpec], pre: ImagePreprocess) -> list[dict[str, np.ndarray]]:
     """A list of chunks {name: array}; each array is one sample (rank R-1) or a stack of samples (rank R)."""
@@ -125,12 +182,12 @@ def _read_source(source: Any, specs: list[InputSpec], pre: ImagePreprocess) -> l
         if not p.is_file():
             raise OnnxspfqError(f"calibration source {str(p)!r} does not exist; pass a .npz/.npy file or a folder")
         if p.suffix.lower() in ARRAY_SUFFIXES:
-            return [_read_array_file(p, specs)]
+            return [_read_array_file(p, specs, pre)]
         if p.suffix.lower() in IMAGE_SUFFIXES:
             return [_read_images([p], specs, pre)]
         raise OnnxspfqError(f"unsupported calibration file {p.name!r}: use .npz, .npy, or a folder of arrays/images")
     if isinstance(source, Mapping):
-        return [dict(source)]
+        return [_images_or_arrays(dict(source), specs, pre, "calibration data")]
     if hasattr(source, "get_next"):
         chunks = []
         while (feed := source.get_next()) is not None:
@@ -147,15 +204,20 @@ def _read_source(source: Any, specs: list[InputSpec], pre: ImagePreprocess) -> l
                         "arrays, a list of dicts, or an onnxruntime CalibrationDataReader")
 
 
-def _read_array_file(p: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _read_array_file(p: Path, specs: list[InputSpec], pre: ImagePreprocess) -> dict[str, np.ndarray]:
     try:
         data = np.load(p, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise OnnxspfqError(f"cannot read calibration file {p.name!r} ({' '.join(str(e).split())[:200]}); "
                             "save it with numpy.save / numpy.savez") from None
     if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            return {k: data[k] for k in data.files}
+        try:
+            with data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise OnnxspfqError(f"cannot read calibration file {p.name!r} ({' '.join(str(e).split())[:200]}); "
+                                "the file is damaged or holds objects: save it again with numpy.savez") from None
+        return _images_or_arrays(arrays, specs, pre, p.name)
     if len(specs) != 1:
         raise OnnxspfqError(f"{p.name}: a .npy file only feeds single-input models, this model has inputs "
                             f"{', '.join(s.name for s in specs)}; use a .npz with one key per input")
@@ -169,21 +231,56 @@ def _read_folder(p: Path, specs: list[InputSpec], pre: ImagePreprocess) -> list[
     if arrays and images:
         raise OnnxspfqError(f"calibration folder {str(p)!r} mixes array and image files; keep one kind per folder")
     if arrays:
-        return [_read_array_file(f, specs) for f in arrays]
+        return [_read_array_file(f, specs, pre) for f in arrays]
     if images:
         return [_read_images(images, specs, pre)]
     raise OnnxspfqError(f"calibration folder {str(p)!r} holds no .npy/.npz or image files; add calibration samples")
 
 
 def _read_images(files: list[Path], specs: list[InputSpec], pre: ImagePreprocess) -> dict[str, np.ndarray]:
+    prepare, spec = _image_pipeline(specs, pre)
+    out = []
+    for f in files:
+        try:
+            from PIL import Image
+
+            with Image.open(f) as im:
+                out.append(prepare(im))
+        except OSError as e:
+            raise OnnxspfqError(f"cannot read image {f.name!r} ({e}); remove or replace it") from None
+    return {spec.name: np.stack(out)}
+
+
+def _images_or_arrays(arrays: dict, specs: list[InputSpec], pre: ImagePreprocess, where: str) -> dict:
+    """`arrays` as they are, or, where they hold `images` and no model input, those images preprocessed."""
+    names = {s.name for s in specs}
+    if "images" in arrays and "images" not in names and not names & set(arrays):
+        return _image_arrays(np.asarray(arrays["images"]), specs, pre, where)
+    return arrays
+
+
+def _image_arrays(images: np.ndarray, specs: list[InputSpec], pre: ImagePreprocess, where: str) -> dict[str, np.ndarray]:
+    """An .npz's `images` (uint8 [N, H, W] or [N, H, W, C]) through the same pipeline as image files."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise OnnxspfqError(f"{where}: 'images' must be uint8 pixels [N, H, W] or [N, H, W, C] with C = 1 or 3, got "
+                            f"{images.dtype} {list(images.shape)}; or store the model's input under its own name")
+    prepare, spec = _image_pipeline(specs, pre)
+    from PIL import Image
+
+    pixels = images[..., 0] if images.ndim == 4 and images.shape[3] == 1 else images
+    return {spec.name: np.stack([prepare(Image.fromarray(a)) for a in pixels])}
+
+
+def _image_pipeline(specs: list[InputSpec], pre: ImagePreprocess):
+    """(prepare, spec): prepare(PIL image) -> one input sample (converted, resized, normalised, laid out)."""
     try:
         from PIL import Image
     except ImportError:
         raise OnnxspfqError("reading calibration images needs Pillow: run `pip install pillow`, "
                             "or pass the preprocessed images as a .npz/.npy file") from None
     if len(specs) != 1 or len(specs[0].shape) != 4:
-        raise OnnxspfqError("image calibration needs a model with one 4-D input (N, C, H, W or N, H, W, C); "
-                            "pass arrays in a .npz instead")
+        raise OnnxspfqError("images feed a model with one 4-D input (N, C, H, W or N, H, W, C); this model's "
+                            "inputs differ: pass arrays named after its inputs in a .npz instead")
     spec = specs[0]
     shp = spec.shape
     chan_axis = 1 if pre.layout == "NCHW" else 3
@@ -196,17 +293,16 @@ def _read_images(files: list[Path], specs: list[InputSpec], pre: ImagePreprocess
         raise OnnxspfqError(f"image calibration supports 1 or 3 channels, the model wants {channels}")
     mean = np.asarray(pre.mean[:channels] if len(pre.mean) >= channels else pre.mean * channels, np.float32)
     std = np.asarray(pre.std[:channels] if len(pre.std) >= channels else pre.std * channels, np.float32)
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32).reshape(size[0], size[1], channels)
-        except OSError as e:
-            raise OnnxspfqError(f"cannot read image {f.name!r} ({e}); remove or replace it") from None
-        a = (a * pre.scale - mean) / std
-        out.append(a.transpose(2, 0, 1) if pre.layout == "NCHW" else a)
-    return {spec.name: np.stack(out).astype(spec.dtype if spec.dtype.kind == "f" else np.float32)}
+    dtype = spec.dtype if spec.dtype.kind == "f" else np.float32
+
+    def prepare(im) -> np.ndarray:
+        im = im.convert("RGB" if channels == 3 else "L")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        a = (np.asarray(im, dtype=np.float32).reshape(size[0], size[1], channels) * pre.scale - mean) / std
+        return (a.transpose(2, 0, 1) if pre.layout == "NCHW" else a).astype(dtype)
+
+    return prepare, spec
 
 
 # ---------------------------------------------------------------------------------------------------- checking

@@ -3,40 +3,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from onnxspfq.config import BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, CompressConfig, QuantConfig
+from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxspfq", description="Post-training compression of ONNX models with "
                                 "stochastic path-following quantization (SPFQ).")
+    p.add_argument("--version", action="version", version=f"onnxspfq {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("model", help="input .onnx model (never modified)")
-    c.add_argument("--calib", required=True, help="calibration data: .npz (keys = input names), .npy (single-input "
-                   "model), or a folder of .npy/.npz files or images")
-    c.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    c.add_argument("--calib", default=None, help="calibration data: .npz (keys = input names, or 'images' of uint8 "
+                   "pixels), .npy (single-input model), or a folder of .npy/.npz files or images; needed by every "
+                   "method but rtn")
+    c.add_argument("-o", "--out", dest="out", default=None, help="output .onnx path, written atomically "
+                   "(default: MODEL.q.onnx beside the input)")
     c.add_argument("--bits", type=int, default=None, choices=BITS, help="stored bits per weight (2 = ternary, "
                    "1 = binary); default 4, or none (prune only) when --sparsity is given alone")
     c.add_argument("--sparsity", type=_sparsity, default=None, metavar="S|N:M", help="prune: a fraction of zero "
                    "weights per layer (e.g. 0.5, stochastic pruning), or N:M (e.g. 2:4) along the reduction axis "
                    "as TensorRT wants; with --bits, quantization and pruning run in one pass")
     c.add_argument("--auto-C", action="store_true", help="SPFQ: choose C (with c_alpha, per channel or per layer) "
-                   "by the exact reconstruction error (overrides --C)")
-    c.add_argument("--method", default="spfq", choices=METHODS)
-    c.add_argument("--C", type=float, default=1.0, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
-                   "stochastic rounding)")
+                   "by the exact reconstruction error")
+    c.add_argument("--method", default=CompressConfig.method, choices=METHODS)
+    # None below = the option was not given: the setting keeps QuantConfig's default (declared there, once)
+    c.add_argument("--C", type=float, default=None, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
+                   "stochastic rounding) [1]")
     c.add_argument("--c-alpha", type=float, default=None, help="step = c_alpha * max|w| / K (default: chosen per "
                    "output channel, or per layer with --granularity layer or pruning, by the exact reconstruction error)")
-    c.add_argument("--operator", default="stochastic", choices=OPERATORS, help="the operator T")
-    c.add_argument("--granularity", default="channel", choices=GRANULARITIES, help="one step per output channel, "
-                   "per layer, or per block along the reduction axis (MatMul/Gemm only)")
-    c.add_argument("--block-size", type=int, default=128, help="block size for --granularity block")
-    c.add_argument("--order", type=int, default=1, help="alignment order r (1 = merged form)")
+    c.add_argument("--operator", default=None, choices=OPERATORS, help="the operator T (spfq) [stochastic; "
+                   "nearest when pruning to 0.75 or more, where it measured better]")
+    c.add_argument("--granularity", default=None, choices=GRANULARITIES, help="one step per output channel, "
+                   "per layer, or per block along the reduction axis (MatMul/Gemm only) [channel]")
+    c.add_argument("--block-size", type=int, default=None, help="block size for --granularity block [128]")
+    c.add_argument("--order", type=int, default=None, help="alignment order r (1 = merged form) [1]")
     c.add_argument("--perfect-alignment", action="store_true", help="least-squares phase-I alignment")
     c.add_argument("--refit-scale", action="store_true", help="after path following, re-fit each channel's step "
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
@@ -44,24 +51,24 @@ def _parser() -> argparse.ArgumentParser:
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
     c.add_argument("--act-order", action="store_true", help="path following / GPTQ over the input columns in "
                    "decreasing order of their energy (largest inputs first; not with N:M or block granularity)")
-    c.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--damp", type=float, default=None, help="GPTQ Hessian damping [0.01]")
+    c.add_argument("--seed", type=int, default=CompressConfig.seed)
     c.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
-    c.add_argument("--batch-size", type=int, default=16, help="calibration batch size for onnxruntime")
-    c.add_argument("--max-patches", type=int, default=4096, help="Conv: at most this many im2col patches per batch")
-    c.add_argument("--skip", nargs="+", default=[], metavar="LAYER", help="node names to leave in float")
+    c.add_argument("--batch-size", type=int, default=CompressConfig.batch_size,
+                   help="calibration batch size for onnxruntime")
+    c.add_argument("--max-patches", type=int, default=CompressConfig.max_patches,
+                   help="Conv: at most this many im2col patches per batch")
+    c.add_argument("--skip", action="append", default=[], metavar="LAYER[,LAYER...]", help="node names to leave in "
+                   "float (repeat the option or separate names by commas)")
     c.add_argument("--format", default=None, choices=FORMATS, help="qdq: DequantizeLinear on packed integers "
                    "[default with --bits]; nbits: com.microsoft MatMulNBits for MatMul/Gemm weights (QDQ for the "
                    "rest); sparse: float weights as sparse initializers where smaller [default when pruning only]; "
                    "float: de-quantized float weights (for inspection)")
     c.add_argument("--report", default=None, help="write the JSON report here")
-    c.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H W "
-                   "(default: the model input's static size)")
-    c.add_argument("--image-mean", type=float, nargs="+", default=[0.0], help="images: per-channel mean subtracted "
-                   "after scaling pixels by 1/255 (ImageNet: 0.485 0.456 0.406)")
-    c.add_argument("--image-std", type=float, nargs="+", default=[1.0], help="images: per-channel std divided by "
-                   "(ImageNet: 0.229 0.224 0.225)")
-    c.add_argument("--image-layout", default="NCHW", choices=("NCHW", "NHWC"), help="images: input layout")
+    c.add_argument("--output", default=None, metavar="NAME", help="the model output the final agreement check "
+                   "compares (default: the first); the file to write is -o")
+    _batch_axis_option(c)
+    _image_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
 
     e = sub.add_parser("evaluate", help="compare a compressed model with its float original on data")
@@ -77,10 +84,48 @@ def _parser() -> argparse.ArgumentParser:
                    "when the output name says embed/hidden/pool or its rows have unit norm, else classify")
     e.add_argument("--k", type=int, default=10, help="embed: neighbours compared per sample (overlap@k)")
     e.add_argument("--json", default=None, help="write the figures here as JSON")
+    _batch_axis_option(e)
+    _image_options(e)
 
     i = sub.add_parser("inspect", help="list the layers compress would touch")
     i.add_argument("model")
     return p
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H W "
+                   "(default: the model input's static size)")
+    p.add_argument("--image-mean", type=float, nargs="+", default=[0.0], help="images: per-channel mean subtracted "
+                   "after scaling pixels by 1/255 (ImageNet: 0.485 0.456 0.406)")
+    p.add_argument("--image-std", type=float, nargs="+", default=[1.0], help="images: per-channel std divided by "
+                   "(ImageNet: 0.229 0.224 0.225)")
+    p.add_argument("--image-layout", default="NCHW", choices=("NCHW", "NHWC"), help="images: input layout")
+
+
+def _batch_axis_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-axis", action="append", default=[], metavar="INPUT=AXIS", help="the sample axis of an "
+                   "input whose symbolic dims do not say it (e.g. an RNN state [2, batch, 128]: h0=1); default: the "
+                   "axis with a symbolic 'batch'-like dim, else 0")
+
+
+def _image(a: argparse.Namespace):
+    from onnxspfq.calib import ImagePreprocess
+
+    return ImagePreprocess(size=tuple(a.image_size) if a.image_size else None, mean=tuple(a.image_mean),
+                           std=tuple(a.image_std), layout=a.image_layout)
+
+
+def _axes(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, axis = item.rpartition("=")
+        try:
+            out[name] = int(axis)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise OnnxspfqError(f"--batch-axis {item!r}: write INPUT=AXIS, e.g. --batch-axis h0=1")
+    return out
 
 
 def _sparsity(text: str) -> float | tuple[int, int]:
@@ -94,40 +139,60 @@ def _sparsity(text: str) -> float | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (e.g. 0.5) nor N:M (e.g. 2:4)") from None
 
 
+def default_output(model: str) -> str:
+    """MODEL.q.onnx beside the input (like other tools' model.quant.onnx)."""
+    root, ext = os.path.splitext(model)
+    return root + ".q" + (ext or ".onnx")
+
+
 def _compress(a: argparse.Namespace) -> None:
     from onnxspfq.api import compress
 
     sparsity, nm = (0.0, a.sparsity) if isinstance(a.sparsity, tuple) else (a.sparsity or 0.0, None)
     bits = a.bits if a.bits is not None or a.sparsity is not None else 4
     fmt = a.format or ("qdq" if bits is not None else "sparse")
-    quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, c_alpha=a.c_alpha, C=a.C, operator=a.operator, granularity=a.granularity,
-                        block_size=a.block_size, order=a.order, perfect_alignment=a.perfect_alignment, damp=a.damp,
-                        refit_scale=a.refit_scale, draws=a.draws, act_order=a.act_order)
+    given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "granularity": a.granularity,
+             "block_size": a.block_size, "order": a.order, "damp": a.damp, "draws": a.draws,
+             "perfect_alignment": a.perfect_alignment or None, "refit_scale": a.refit_scale or None,
+             "act_order": a.act_order or None}
+    quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
+    skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, skip=tuple(a.skip), format=fmt, auto_C=a.auto_C)
-    from onnxspfq.calib import ImagePreprocess
-
-    image = ImagePreprocess(size=tuple(a.image_size) if a.image_size else None, mean=tuple(a.image_mean),
-                            std=tuple(a.image_std), layout=a.image_layout)
-    result = compress(a.model, a.calib, output=a.output, config=config, report_path=a.report, progress=not a.quiet,
-                      image_preprocess=image)
+                            max_patches=a.max_patches, skip=skip, format=fmt, auto_C=a.auto_C)
+    out = a.out if a.out is not None else default_output(a.model)
+    result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
+                      image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis))
     if not a.quiet:
         print(result.report.table())
-    print(f"wrote {a.output}")
+    for w in result.report.warnings:
+        print(f"onnxspfq: warning: {w}", file=sys.stderr)
+    print(f"wrote {out}" + (f" and {a.report}" if a.report else ""))
 
 
 def _evaluate(a: argparse.Namespace) -> None:
     from onnxspfq.evaluate import evaluate_files
 
+    from onnxspfq import output_files
+    from onnxspfq.calib import source_files
+    from onnxspfq.graph import load_model
+
+    inputs = [p for m in (a.float_model, a.compressed_model) for p in load_model(m).files()]
+    output_files.check({"--json": a.json}, inputs + source_files(a.data) + ([a.labels] if a.labels else []))
     agreement = evaluate_files(a.float_model, a.compressed_model, a.data, labels=a.labels, samples=a.samples,
-                               batch_size=a.batch_size, output=a.output, task=a.task, k=a.k)
+                               batch_size=a.batch_size, output=a.output, task=a.task, k=a.k,
+                               image_preprocess=_image(a), batch_axes=_axes(a.batch_axis))
     figures = agreement.as_dict()
     for k, v in figures.items():
         if v is not None:
             print(f"{k:<26} {v:.6f}" if isinstance(v, float) else f"{k:<26} {v}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        with output_files.Staging([a.json]) as staging:
+            try:
+                with open(staging.path(a.json), "w") as f:
+                    json.dump(figures, f, indent=2)
+            except OSError as err:
+                raise output_files.write_error(err, a.json) from None
+            staging.commit()
 
 
 def _inspect(a: argparse.Namespace) -> None:
@@ -142,7 +207,8 @@ def _inspect(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit code (0 ok, 2 bad input)."""
+    """Console entry point; returns the exit code (0 ok, 2 bad input or an unwritable output, 1 internal error,
+    130 interrupted). Errors are one line on stderr; ONNXSPFQ_DEBUG=1 shows the traceback of an internal one."""
     args = _parser().parse_args(argv)
     try:
         {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}[args.command](args)
@@ -152,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxspfq: interrupted; no output written", file=sys.stderr)
         return 130
+    except OSError as err:  # a file that vanished or could not be read mid-run
+        where = f" {err.filename}" if err.filename else ""
+        print(f"onnxspfq: error:{where} {err.strerror or err}; check the file and its folder", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the contract is one line, never a traceback
+        if os.environ.get("ONNXSPFQ_DEBUG"):
+            raise
+        text = " ".join(str(err).split())[:300]
+        print(f"onnxspfq: internal error: {type(err).__name__}: {text}; no output written. Please report this "
+              "(rerun with ONNXSPFQ_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

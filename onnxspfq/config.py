@@ -1,7 +1,9 @@
 """Configuration as plain, validated dataclasses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+import math
 
 from onnxspfq.errors import OnnxspfqError
 
@@ -57,14 +59,18 @@ class QuantConfig:
     act_order: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise OnnxspfqError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. --sparsity 0.5 or 2:4")
         if self.bits is None and not (self.sparsity > 0 or self.nm):
             raise OnnxspfqError("nothing to do: give bits to quantize, or a sparsity / N:M pattern to prune")
         if self.bits is not None and self.bits not in BITS:
             raise OnnxspfqError(f"unsupported bits value {self.bits!r}: use one of {', '.join(map(str, BITS))}")
-        if self.c_alpha is not None and not self.c_alpha > 0:
-            raise OnnxspfqError(f"c_alpha must be > 0, got {self.c_alpha}: pass a positive number or leave it unset")
-        if not self.C >= 1:
-            raise OnnxspfqError(f"C must be >= 1, got {self.C}: use C = 1 (SPFQ) or larger to damp the correction")
+        if self.c_alpha is not None and not 0 < self.c_alpha < math.inf:
+            raise OnnxspfqError(f"c_alpha must be a finite number > 0, got {self.c_alpha}: e.g. --c-alpha 2, or "
+                                "leave it unset to have it chosen per channel")
+        if not 1 <= self.C < math.inf:
+            raise OnnxspfqError(f"C must be a finite number >= 1, got {self.C}: use C = 1 (SPFQ) or larger (e.g. "
+                                "1e6) to damp the correction")
         if self.operator not in OPERATORS:
             raise OnnxspfqError(f"unknown operator {self.operator!r}: use one of {', '.join(OPERATORS)}")
         if self.granularity not in GRANULARITIES:
@@ -75,8 +81,6 @@ class QuantConfig:
             raise OnnxspfqError(f"alignment order must be >= 1, got {self.order}")
         if not 0 <= self.damp < 1:
             raise OnnxspfqError(f"damp must be in [0, 1), got {self.damp}")
-        if not 0 <= self.sparsity < 1:
-            raise OnnxspfqError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. --sparsity 0.5 or 2:4")
         if self.nm is not None:
             n, m = self.nm
             if not (1 <= n < m <= 16):
@@ -92,6 +96,12 @@ class QuantConfig:
                                 "granularity; drop one of them")
         if self.bits == 1 and (self.sparsity or self.nm):
             raise OnnxspfqError("1-bit codes {-a,+a} have no zero: use --bits 2 (ternary) or more with pruning")
+
+    def effective(self) -> dict:
+        """Every setting as it runs: the fields, with defaults that depend on others resolved."""
+        d = asdict(self)
+        d["draws"] = self.n_draws
+        return d
 
     @property
     def n_draws(self) -> int:
@@ -135,3 +145,37 @@ class CompressConfig:
             raise OnnxspfqError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_patches is not None and self.max_patches < 1:
             raise OnnxspfqError(f"max_patches must be >= 1, got {self.max_patches}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise OnnxspfqError(f"seed must be in 0..2**63-1, got {self.seed}: e.g. --seed 0")
+        for option, why in self.ignored():
+            raise OnnxspfqError(f"{option} has no effect here: {why}; drop it")
+
+    def ignored(self) -> list[tuple[str, str]]:
+        """Settings given a non-default value that this run would not read: (option, why). They are refused, as a
+        setting that silently does nothing misleads (a user who passes --C to rtn believes C was applied)."""
+        q, base, m = self.quant, QuantConfig(), self.method
+        spfq = m == "spfq"
+        reads = {  # setting: (option, read by this run?, who reads it)
+            "C": ("--C", spfq and not self.auto_C, "only --method spfq reads it, and --auto-C chooses C itself"),
+            "operator": ("--operator", spfq, f"only --method spfq uses an operator T ({m} rounds to nearest)"),
+            "order": ("--order", spfq, "only --method spfq has an alignment order"),
+            "perfect_alignment": ("--perfect-alignment", spfq, "only --method spfq aligns"),
+            "draws": ("--draws", spfq and q.operator == "stochastic",
+                      "draws of xi exist only for --method spfq with --operator stochastic"),
+            "refit_scale": ("--refit-scale", m != "rtn", "rtn stays the data-free baseline: no re-fit"),
+            "act_order": ("--act-order", m != "rtn", "rtn rounds each weight alone: column order changes nothing"),
+            "damp": ("--damp", m == "gptq" or (spfq and q.perfect_alignment),
+                     "only --method gptq (and spfq with --perfect-alignment) damp a Hessian"),
+            "block_size": ("--block-size", q.granularity == "block", "it applies to --granularity block only"),
+        }
+        out = [(opt, why) for name, (opt, used, why) in reads.items()
+               if not used and getattr(q, name) != getattr(base, name)]
+        if self.auto_C and not spfq:
+            out.append(("--auto-C", f"only --method spfq has a C to choose ({m} does not)"))
+        return out
+
+    def effective(self) -> dict:
+        """Every setting as it runs (the report's `effective`): defaults resolved, e.g. the number of draws."""
+        d = asdict(self)
+        d["quant"] = self.quant.effective()
+        return d

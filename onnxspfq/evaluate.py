@@ -27,6 +27,9 @@ EMBED_NAME_HINTS = ("embed", "hidden", "pool")
 # Output values kept per model for the agreement check (256 MB float32): a decoder LLM's logits over a whole
 # calibration set would be gigabytes.
 EVAL_MAX_VALUES = 1 << 26
+# Output values per onnxruntime call in the agreement check (64 MB float32): Qwen2 0.6b's 16 calibration sequences
+# in one call were 16 x 128 x 151936 logits, 1.2 GB per model, past the cap above before it could stop the run
+EVAL_RUN_VALUES = 1 << 24
 _CHUNK = 1024  # rows of the similarity matrix held at once in the neighbour metrics
 
 
@@ -45,13 +48,16 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         outputs: list[str] | None = None) -> list[np.ndarray]:
     """Outputs of `model` (all, or those named in `outputs`) on all batches, concatenated along the batch axis
     (for batches of different shapes: one row per position of the last axis)."""
-    return _run(model, batches, outputs)[0]
+    per_call, _ = _run(model, batches, outputs)
+    return [_concat([c[i] for c in per_call]) for i in range(len(per_call[0]))]
 
 
 def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]], outputs: list[str] | None = None,
-         max_values: float = float("inf")) -> tuple[list[np.ndarray], int]:
-    """run(), stopping after the batch that brings the outputs to `max_values` values; also returns how many
-    batches ran."""
+         max_values: float = float("inf")) -> tuple[list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The outputs of each onnxruntime call, stopping once they reach `max_values` values, and the feeds of each
+    call. A batch is split
+    along its batch axis (where every input has it and the model leaves it dynamic) into calls of about
+    EVAL_RUN_VALUES output values, so that the cap holds inside a batch too."""
     sess = session(model)
     if outputs is not None:
         names = _output_names(sess)
@@ -59,14 +65,32 @@ def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         if missing:
             raise OnnxspfqError(f"the model has no output named {', '.join(missing)}; its outputs are "
                                 f"{', '.join(names)}: pass one of those")
-    per_batch, values = [], 0
-    for feeds in batches:  # bounded: a decoder's logits are [batch, sequence, vocabulary]
-        per_batch.append(sess.run(outputs, feeds))
-        values += sum(int(np.size(o)) for o in per_batch[-1])
+    dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
+    per_batch, ran, values, per_row = [], [], 0, None
+    for feeds in batches:
+        n = _rows(feeds) if dynamic else 0
+        lo = 0
+        while values < max_values and (lo == 0 or lo < n):
+            # the first call of a run is one row when the batch can be split: its size sizes the rest
+            step = n if n <= 1 else 1 if per_row is None else max(1, int(EVAL_RUN_VALUES // max(per_row, 1)))
+            hi = min(n, lo + step)
+            part = feeds if (lo, hi) in ((0, n), (0, 0)) else {k: v[lo:hi] for k, v in feeds.items()}
+            per_batch.append(sess.run(outputs, part))
+            ran.append(part)
+            got = sum(int(np.size(o)) for o in per_batch[-1])
+            per_row = got / max(hi - lo, 1)
+            values += got
+            lo = max(hi, 1)
         if values >= max_values:
             break
     del sess
-    return [_concat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))], len(per_batch)
+    return per_batch, ran
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    """Rows along axis 0 shared by every input, 0 where they do not share one (then a batch is not split)."""
+    lens = {len(v) if np.ndim(v) else -1 for v in feeds.values()}
+    return lens.pop() if len(lens) == 1 and -1 not in lens else 0
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -235,14 +259,58 @@ def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelPro
     name = output or _first_output(float_model)
     # one model at a time (a large model and its compressed copy never share memory), outputs capped: the
     # compressed model runs on exactly the batches the float model's capped outputs cover
-    (ref,), used = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
-    out = run(compressed_model, list(batches)[:used], [name])[0]
-    return compare(ref, out, labels, task=task, k=k, output_name=name)
+    per_call, ran = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
+    refs = [c[0] for c in per_call]
+    outs = [c[0] for c in _run(compressed_model, ran, [name])[0]]
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)[:sum(len(r) for r in refs)]
+    if len({r.shape[1:] for r in refs}) == 1:
+        return compare(np.concatenate(refs), np.concatenate(outs), labels, task=task, k=k, output_name=name)
+    return _per_shape(refs, outs, labels, task, k, name)
+
+
+def _per_shape(refs: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None, task: str, k: int,
+               name: str) -> Agreement:
+    """Agreement over calls whose outputs differ in shape (e.g. [batch, seq] outputs of unpadded text): the calls
+    of one shape compared together, the figures then pooled. Cosine and relative error are exact over all values;
+    the rest are means weighted by samples (neighbour metrics: over shapes with at least 2 samples)."""
+    task = resolve_task(task, refs[0], name, labels)
+    shapes = list(dict.fromkeys(r.shape[1:] for r in refs))
+    parts = []
+    starts = np.cumsum([0] + [len(r) for r in refs])
+    for shape in shapes:
+        idx = [i for i, r in enumerate(refs) if r.shape[1:] == shape]
+        lab = None if labels is None else np.concatenate([labels[starts[i]:starts[i + 1]] for i in idx])
+        parts.append(compare(np.concatenate([refs[i] for i in idx]), np.concatenate([outs[i] for i in idx]), lab,
+                             task=task, k=k, output_name=name))
+    dot = sum(float(np.dot(r.ravel().astype(np.float64), o.ravel().astype(np.float64))) for r, o in zip(refs, outs))
+    rr = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in refs)
+    oo = sum(float(np.sum(np.square(o, dtype=np.float64))) for o in outs)
+    dd = sum(float(np.sum(np.square(r.astype(np.float64) - o))) for r, o in zip(refs, outs))
+    n = np.array([p.samples for p in parts], dtype=np.float64)
+
+    def pooled(field: str):
+        vals = [(getattr(p, field), w) for p, w in zip(parts, n) if getattr(p, field) is not None]
+        if not vals:
+            return None
+        return float(sum(v * w for v, w in vals) / sum(w for _, w in vals))
+
+    res = Agreement(cosine=dot / np.sqrt(rr * oo) if rr * oo > 0 else float(dd == 0),
+                    rel_error=float(np.sqrt(dd / rr)) if rr > 0 else (float("inf") if dd > 0 else 0.0),
+                    top1_agreement=pooled("top1_agreement"), samples=int(n.sum()), task=task, output=name,
+                    sample_cosine=pooled("sample_cosine"),
+                    sample_cosine_min=min(p.sample_cosine_min for p in parts))
+    for f in ("top1_accuracy_float", "top1_accuracy_compressed", "top5_accuracy_float", "top5_accuracy_compressed",
+              "overlap_at_k", "nn1_agreement", "nn1_rank_mean"):
+        setattr(res, f, pooled(f))
+    res.neighbours_k = max((p.neighbours_k for p in parts if p.neighbours_k), default=None)
+    return res
 
 
 def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str | None = None,
                    samples: int | None = None, batch_size: int = 64, output: str | None = None,
-                   task: str = "auto", k: int = 10) -> Agreement:
+                   task: str = "auto", k: int = 10, image_preprocess=None,
+                   batch_axes: dict[str, int] | None = None) -> Agreement:
     """`onnxspfq evaluate`: both models on the inputs in `data`; labels from `labels` (.npy) or data's 'labels'.
 
     An .npz may hold keys besides the model inputs (e.g. stored reference outputs): those are ignored.
@@ -272,7 +340,8 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
             y = np.load(labels)
         except (OSError, ValueError) as err:
             raise OnnxspfqError(f"cannot read labels file {labels}: {err}; pass an .npy of integer class ids") from None
-    batches = load_calibration(source, float_model.proto, samples=samples, batch_size=batch_size)
+    batches = load_calibration(source, float_model.proto, samples=samples, batch_size=batch_size,
+                               image_preprocess=image_preprocess, batch_axes=batch_axes)
     n = sum(len(next(iter(b.values()))) for b in batches)
     if y is not None:
         if len(y) < n:

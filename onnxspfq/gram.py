@@ -37,6 +37,15 @@ class Grams:
         self.m += X.shape[0]
 
     @classmethod
+    def identity(cls, n0: int) -> "Grams":
+        """X = X~ = I: the Grams of no data, under which every error is the weight-space error ||w - q||^2 (what
+        data-free rtn chooses its steps by)."""
+        g = cls(n0)
+        g.H[np.diag_indices(n0)] = g.G[np.diag_indices(n0)] = g.F[np.diag_indices(n0)] = 1.0
+        g.m = n0
+        return g
+
+    @classmethod
     def from_data(cls, X: np.ndarray, Xt: np.ndarray | None = None) -> "Grams":
         """Grams of one in-memory pair (X~ = X when Xt is None)."""
         g = cls(X.shape[1])

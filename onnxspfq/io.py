@@ -367,6 +367,13 @@ class Model:
                 length -= len(chunk)
                 yield chunk
 
+    def files(self) -> list[str]:
+        """The model file and every external data file its main graph references (what a run reads)."""
+        locs = {_external_info(t).get("location") for t in graph_tensors(self.proto.graph)
+                if is_external(t) and t.name not in self.inline and t.name not in self.derived}
+        own = [self.path] if self.path else []
+        return own + sorted(os.path.join(self.base_dir, f) for f in locs if f)
+
     def weight_bytes(self) -> int:
         """Bytes of all initializers' payloads (what the memory targets are stated against)."""
         return sum(tensor_nbytes(t) or 0 for t in graph_tensors(self.proto.graph))

@@ -1,7 +1,9 @@
 """Per-layer and whole-model figures of a compression run: a readable table and JSON."""
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +47,12 @@ class Report:
     size_after: int = 0
     agreement: Agreement | None = None
     time_s: float = 0.0
+    effective: dict = field(default_factory=dict)  # every setting as it ran, defaults resolved (CompressConfig.effective)
+    warnings: list[str] = field(default_factory=list)
+    input_sha256: str | None = None
+    output_sha256: str | None = None  # of the .onnx file (its external data, if any, is named in it)
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    versions: dict = field(default_factory=lambda: versions())
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -85,6 +93,26 @@ class Report:
             rows.append(line)
         rows.append(f"total time: {self.time_s:.1f} s")
         return "\n".join(rows)
+
+
+def versions() -> dict[str, str]:
+    """The versions a result depends on: this tool, onnx, onnxruntime, numpy, numba."""
+    import numba
+    import onnxruntime
+
+    from onnxspfq import __version__
+
+    return {"onnxspfq": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "numba": numba.__version__, "python": sys.version.split()[0]}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, read in 16 MB chunks (a multi-GB model is never held whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def weight_bytes(model: onnx.ModelProto, layers: list) -> list[int]:
