@@ -22,11 +22,11 @@ from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
-from onnxspfq.graph import Layer, find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import Layer, check_runnable, find_layers, fold_weight_chains, load_model
 from onnxspfq.io import Model, model_file_bytes, save_model
 from onnxspfq.methods import METHODS
 from onnxspfq.operators import nm_groups_for
-from onnxspfq.report import LayerReport, Report, file_sha256, weight_bytes
+from onnxspfq.report import LayerReport, Report, file_sha256, poor_result, weight_bytes
 
 
 class CompressionResult:
@@ -76,7 +76,7 @@ def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressCo
     kwargs = {"nm_groups": groups} if groups is not None else {}
     if config.auto_C and config.method == "spfq":
         kwargs["auto_C"] = True
-    Q = np.empty_like(W)
+    Q = np.empty(W.shape, dtype=np.float32)  # what is emitted and fed on; the float64 result is cast per chunk
     parts = []
     for rows, stats in zip(layer.group_rows(), grams):
         for part in _row_chunks(rows, W.shape[1], quant):
@@ -94,9 +94,10 @@ ROW_CHUNK_WEIGHTS = 1 << 24
 
 def _row_chunks(rows: slice, n0: int, quant) -> list[slice]:
     """`rows` cut into chunks of at most ROW_CHUNK_WEIGHTS weights, where every choice the method makes is per
-    row (not with per-layer granularity or unstructured pruning, whose search spans the whole layer)."""
+    row (not with per-layer granularity or unstructured pruning, whose search spans the whole layer; quant None:
+    always, for figures computed row by row)."""
     per = max(1, ROW_CHUNK_WEIGHTS // max(n0, 1))
-    if quant.granularity == "layer" or quant.sparsity or rows.stop - rows.start <= per:
+    if quant is not None and (quant.granularity == "layer" or quant.sparsity) or rows.stop - rows.start <= per:
         return [rows]
     return [slice(a, min(a + per, rows.stop)) for a in range(rows.start, rows.stop, per)]
 
@@ -119,8 +120,9 @@ def _emit(source: Model, done: list, floats: dict[str, np.ndarray], config: Comp
     model = source.proto
     if config.format == "sparse":
         return emit_sparse(model, [(layer, layer.matrix(floats[layer.weight])) for layer, _, _ in done])
-    if bits is None:  # prune only: float weights
-        return _float_weights(model, floats)
+    if bits is None:  # prune only: float weights, in each weight's own type
+        return _float_weights(model, {layer.weight: floats[layer.weight].astype(layer.weight_dtype)
+                                      for layer, _, _ in done})
     items = [(layer, info, bits) for layer, info, _ in done]
     if config.format == "nbits":
         model, rest = emit_nbits(model, items, source=source)
@@ -142,7 +144,8 @@ def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> on
 def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
     """Layer relative error sum_n ||X w_n - X~ q_n||^2 / sum_n ||X w_n||^2 (neurons with no output count in the
     numerator only, so a dead neuron cannot turn the figure into nan)."""
-    norms = sum(float(np.einsum("ij,ij->", W[r] @ g.F, W[r])) for r, g in zip(rows, grams))
+    norms = sum(float(np.einsum("ij,ij->", np.asarray(W[c], np.float64) @ g.F, np.asarray(W[c], np.float64)))
+                for r, g in zip(rows, grams) for c in _row_chunks(r, W.shape[1], None))
     err = float(np.sum(info.sq_error))
     return err / norms if norms > 0 else (0.0 if err == 0 else float("inf"))
 
@@ -182,6 +185,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         raise OnnxspfqError(f"--method {config.method} learns from data: pass --calib (a .npz keyed by the model's "
                             "input names, a .npy, or a folder of arrays or images), or use --method rtn, which needs none")
     original = load_model(str(model_path))
+    check_runnable(original.proto)
     output_files.check({"-o": output, "--report": report_path}, original.files() + source_files(calib))
     names = [o.name for o in original.proto.graph.output]
     if compare_output is not None and compare_output not in names:
@@ -209,8 +213,13 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             grams = capture.grams(layer, weights)
             weights = capture.release(weights)
             rng = np.random.default_rng([config.seed, index])
-            W = layer.matrix()
-            Q, info, note, quant = _quantize_layer(layer, W, grams, config, rng)
+            # float32 as stored (each method call casts its rows to float64): a 151936 x 1024 lm_head in float64
+            # was 1.2 GB, plus a float64 Q of the same size
+            W = layer.matrix(dtype=np.float32)
+            try:
+                Q, info, note, quant = _quantize_layer(layer, W, grams, config, rng)
+            except OnnxspfqError as err:
+                raise OnnxspfqError(f"layer {layer.name}: {err}") from None
             if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
                 skipped.append({"name": layer.name, "op": layer.op, "reason": note})
                 continue
@@ -241,8 +250,8 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
                                     f"pattern ({why}); please report this")
             r.nm = f"{nm[0]}:{nm[1]}"
     del floats, done
-    report = Report(model=str(model_path), output=output, config=dataclasses.asdict(config), layers=layer_reports,
-                    skipped=skipped, size_before=model_file_bytes(str(model_path)), effective=config.effective())
+    report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
+                    skipped=skipped, size_before=model_file_bytes(str(model_path)))
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
     # the file, then moved in place together with the report: both or neither
     scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
@@ -263,6 +272,8 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
                                     "please report this") from None
             if batches:
                 report.agreement = evaluate(str(model_path), tmp_path, batches, output=compare_output)
+                if (warning := poor_result(report)) is not None:
+                    report.warnings.append(warning)
             else:
                 report.warnings.append("no calibration data: the output agreement with the float model was not "
                                        "measured; pass --calib to measure it")

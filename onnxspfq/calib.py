@@ -10,6 +10,7 @@ are first turned into one stacked array per input (S samples), then checked and 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -90,9 +91,7 @@ def model_inputs(model: onnx.ModelProto, batch_axes: Mapping[str, int] | None = 
     if unknown:
         raise OnnxspfqError(f"--batch-axis names {', '.join(unknown)}, which the model does not take as input; its "
                             f"inputs are {', '.join(r[0] for r in raw)}")
-    # the batch dim's name: the symbolic axis-0 dim of the first input that has one (exporters name it once and
-    # reuse it, e.g. "batch" in x [batch, seq, 16] and h0 [2, batch, 128])
-    name = next((p[0] for _, _, d, p in raw if p and p[0]), None)
+    name = _batch_dim_name([p for _, _, _, p in raw])
     specs = []
     for n, dtype, dims, params in raw:
         axis = batch_axes.get(n, params.index(name) if name is not None and name in params else 0)
@@ -101,6 +100,22 @@ def model_inputs(model: onnx.ModelProto, batch_axes: Mapping[str, int] | None = 
                                 f"0..{len(dims) - 1}")
         specs.append(InputSpec(n, dtype, dims, axis if dims else 0))
     return specs
+
+
+BATCH_DIM_NAMES = re.compile(r"^(n|b|bs|batch|batch_?size|.*batch.*)$", re.IGNORECASE)
+
+
+def _batch_dim_name(params: list[tuple[str | None, ...]]) -> str | None:
+    """The symbolic name of the batch dim: one that reads as a batch ("batch", "batch_size", "N", ...), else one
+    every input of rank > 0 shares, else the first input's axis-0 name. Exporters name the batch dim once and reuse
+    it: ONNX's own GRU takes X [seq, batch, 16] and initial_h [1, batch, 8], where axis 0 is not the batch."""
+    names = [n for p in params for n in p if n]
+    named = next((n for n in names if BATCH_DIM_NAMES.match(n)), None)
+    if named is not None:
+        return named
+    ranked = [set(p) for p in params if p]
+    shared = next((n for n in names if all(n in r for r in ranked)), None) if ranked else None
+    return shared or next((p[0] for p in params if p and p[0]), None)
 
 
 def load_calibration(source: Any, model: onnx.ModelProto, samples: int | None = None, batch_size: int = 16,

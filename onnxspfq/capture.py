@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxspfq.graph import Layer, weightless
-from onnxspfq.io import Model, as_model, session_options
+from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams, im2col, patch_count
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
@@ -72,7 +72,7 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, batches: list[dict[str
             ov = ort.OrtValue.ortvalue_from_numpy(a)
             keep.append((a, ov))
             so.add_initializer(name, ov)
-    sess = ort.InferenceSession(src, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    sess = session(src, so, providers)
     names = output_names or [o.name for o in sess.get_outputs()]
     return [sess.run(names, feed) for feed in batches]
 
@@ -340,8 +340,7 @@ class Capture:
             if t not in ex.value_infos:
                 ex.value_infos[t] = onnx.ValueInfoProto(name=t)
         sub = ex.extract_model(seg.inputs + seg.weights, seg.outputs)
-        sess = ort.InferenceSession(sub.SerializeToString(), sess_options=session_options(),
-                                    providers=self.providers)
+        sess = session(sub.SerializeToString(), session_options(), self.providers)
         self._sessions[s] = sess
         return sess
 

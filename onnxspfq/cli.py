@@ -11,11 +11,18 @@ from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxspfq", description="Post-training compression of ONNX models with "
+    p = _Parser(prog="onnxspfq", description="Post-training compression of ONNX models with "
                                 "stochastic path-following quantization (SPFQ).")
     p.add_argument("--version", action="version", version=f"onnxspfq {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -196,20 +203,54 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _inspect(a: argparse.Namespace) -> None:
-    from onnxspfq.graph import find_layers, fold_weight_chains, load_model
+    from onnxspfq.graph import find_layers, fold_weight_chains, load_model, subgraph_layers
 
-    layers, skipped = find_layers(fold_weight_chains(load_model(a.model)))
+    model = load_model(a.model)
+    proto = model.proto
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in proto.opset_import)
+    data = sorted({os.path.basename(f) for f in model.files()} - {os.path.basename(a.model)})
+    print(f"model: {a.model}  IR {proto.ir_version}, opset {opsets}; {model.weight_bytes() / 1e6:.3f} MB of weights"
+          + (f", external data in {', '.join(data)}" if data else ", no external data"))
+    for kind, values in (("input", _io_values(proto, proto.graph.input)), ("output", _io_values(proto, proto.graph.output))):
+        for name, dtype, shape in values:
+            print(f"{kind:<7} {name:<32} {dtype:<8} [{', '.join(shape)}]")
+    layers, skipped = find_layers(fold_weight_chains(model))
     for layer in layers:
-        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups}")
-    for s in skipped:
+        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups} compressible")
+    inner = subgraph_layers(proto)
+    for s in skipped + inner:
         print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")
-    print(f"{len(layers)} compressible layer(s), {len(skipped)} left alone")
+    print(f"{len(layers)} compressible layer(s), {len(skipped) + len(inner)} left alone")
+
+
+def _io_values(proto, values) -> list[tuple[str, str, list[str]]]:
+    """(name, element type, dims as text: numbers or symbolic names) of graph inputs / outputs (initializers that
+    are also listed as inputs excluded)."""
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for v in values:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        dtype = onnx_type_name(tt.elem_type) if v.type.HasField("tensor_type") else v.type.WhichOneof("value")
+        dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        out.append((v.name, dtype, dims))
+    return out
+
+
+def onnx_type_name(elem_type: int) -> str:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 2 bad input or an unwritable output, 1 internal error,
     130 interrupted). Errors are one line on stderr; ONNXSPFQ_DEBUG=1 shows the traceback of an internal one."""
     args = _parser().parse_args(argv)
+    import warnings
+
+    warnings.simplefilter("ignore")  # stderr carries progress and one-line errors only; the report holds the figures
     try:
         {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}[args.command](args)
     except OnnxspfqError as err:

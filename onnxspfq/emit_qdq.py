@@ -183,7 +183,7 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 def _emit_float(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
     for name, (layer, result, _bits) in groups.items():
         idx = _find_initializer(model.graph, name)
-        w = np.ascontiguousarray(layer.tensor(dequantize(result)), dtype=np.float32)
+        w = np.ascontiguousarray(layer.tensor(dequantize(result)), dtype=np.float32).astype(layer.weight_dtype)
         model.graph.initializer[idx].CopyFrom(numpy_helper.from_array(w, name))
     return model
 
@@ -210,11 +210,7 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
     dq_nodes = []
     for name, (layer, result, bits) in groups.items():
         idx = _find_initializer(graph, name)
-        if graph.initializer[idx].data_type != TensorProto.FLOAT:
-            raise OnnxspfqError(
-                f"weight {name!r} is {TensorProto.DataType.Name(graph.initializer[idx].data_type)}: QDQ output "
-                "supports float32 weights only; convert the model to float32 first or use fmt='float'"
-            )
+        wtype = graph.initializer[idx].data_type
         storage = _STORAGE[bits][0]
         q = np.ascontiguousarray(layer.tensor(np.asarray(result.codes))).astype(storage)
         q_name = _unique(f"{name}_quantized", taken)
@@ -234,11 +230,16 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
         if len(inputs) != len(graph.input):
             del graph.input[:]
             graph.input.extend(inputs)
+        # float16 / bfloat16 / double weights: DequantizeLinear to float32 (its scale type at every opset this
+        # emits), then Cast to the weight's own type, so the consumer sees the type it was exported with
+        dq_out = name if wtype == TensorProto.FLOAT else _unique(f"{name}_dq", taken)
         dq_nodes.append(
             helper.make_node(
-                "DequantizeLinear", [q_name, s_name], [name], name=_unique(f"{name}_DequantizeLinear", taken), **attrs
+                "DequantizeLinear", [q_name, s_name], [dq_out], name=_unique(f"{name}_DequantizeLinear", taken), **attrs
             )
         )
+        if dq_out != name:
+            dq_nodes.append(helper.make_node("Cast", [dq_out], [name], to=wtype, name=_unique(f"{name}_Cast", taken)))
     # DQ nodes read only initializers, so placing them first keeps the node list topologically sorted.
     nodes = dq_nodes + list(graph.node)
     del graph.node[:]

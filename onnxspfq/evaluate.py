@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.io import session_options
+from onnxspfq.io import session as io_session
 
 TASKS = ("auto", "classify", "embed")
 EMBED_NAME_HINTS = ("embed", "hidden", "pool")
@@ -36,8 +36,7 @@ _CHUNK = 1024  # rows of the similarity matrix held at once in the neighbour met
 def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
     """A CPU onnxruntime session with fp32 math pinned (see FORMATS.md), from a proto or a path (a path lets
     onnxruntime read external data itself; nothing is serialised)."""
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, sess_options=session_options(), providers=["CPUExecutionProvider"])
+    return io_session(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model))
 
 
 def _output_names(sess: ort.InferenceSession) -> list[str]:

@@ -322,10 +322,10 @@ class Layer:
     def n0(self) -> int:
         return int(np.prod(self.dims, dtype=np.int64) // self.n1)
 
-    def matrix(self, w0: np.ndarray | None = None) -> np.ndarray:
-        """W (N1 x N0) float64: MatMul B.T, Gemm B (transB) or B.T, Conv W0.reshape(M, -1); of `w0` when given
-        (an array in W0's layout), else of the layer's own weight."""
-        w = np.asarray(self.W0 if w0 is None else w0, dtype=np.float64)
+    def matrix(self, w0: np.ndarray | None = None, dtype: type = np.float64) -> np.ndarray:
+        """W (N1 x N0), float64 unless `dtype` says otherwise: MatMul B.T, Gemm B (transB) or B.T, Conv
+        W0.reshape(M, -1); of `w0` when given (an array in W0's layout), else of the layer's own weight."""
+        w = np.asarray(self.W0 if w0 is None else w0, dtype=dtype)
         if self.op == "Conv":
             return np.ascontiguousarray(w.reshape(w.shape[0], -1))
         if self.op == "Gemm" and self.trans_b:
@@ -436,6 +436,50 @@ def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str
                         "reason": f"{other} node(s) of other op types read initializers; only MatMul / Gemm / Conv "
                                   "weights are compressed"})
     return layers, skipped
+
+
+def subgraph_layers(model: onnx.ModelProto) -> list[dict]:
+    """MatMul / Gemm / Conv nodes inside If / Loop / Scan bodies, as find_layers' left-alone entries: the pass
+    compresses the main graph only (a body's inputs cannot be captured by running the model)."""
+    out: list[dict] = []
+
+    def walk(graph: onnx.GraphProto, where: str) -> None:
+        for node, name in zip(graph.node, node_names(graph)):
+            for attr in node.attribute:
+                bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for body in bodies:
+                    inner = f"{where}{node.op_type} {name}.{attr.name}"
+                    for n, nn in zip(body.node, node_names(body)):
+                        if n.op_type in WEIGHT_OPS:
+                            out.append({"name": nn, "op": n.op_type,
+                                        "reason": f"inside the {inner} body; only main-graph layers are compressed"})
+                    walk(body, inner + " > ")
+
+    walk(model.graph, "")
+    return out
+
+
+# Op domains onnxruntime's CPU provider runs (the standard ops, its ML ops and its contrib ops)
+RUNNABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training")
+
+
+def check_runnable(model: onnx.ModelProto) -> None:
+    """Refuse, before any work, a model with ops in domains onnxruntime cannot run (custom ops need their own
+    library, which the pass cannot load): calibration runs the model."""
+    local = {(f.domain, f.name) for f in model.functions}
+
+    def nodes(graph: onnx.GraphProto):
+        for n in graph.node:
+            yield n
+            for attr in n.attribute:
+                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    yield from nodes(body)
+
+    for n in nodes(model.graph):
+        if n.domain not in RUNNABLE_DOMAINS and (n.domain, n.op_type) not in local:
+            raise OnnxspfqError(f"node {n.name or n.output[0]!r} is op {n.op_type} of custom domain {n.domain!r}, "
+                                "which onnxruntime cannot run without that op's library; calibration runs the model "
+                                "in onnxruntime: replace the op or export without it")
 
 
 def _ineligible(node: onnx.NodeProto, inits: dict, overridable: set[str]) -> str | None:

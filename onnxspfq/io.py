@@ -59,6 +59,20 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+def session(src: bytes | str, options: ort.SessionOptions | None = None,
+            providers: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session (the one place sessions are made), its load errors as one line: an op it has no
+    kernel for, a type it cannot run, a graph it rejects."""
+    try:
+        return ort.InferenceSession(src, sess_options=options or session_options(),
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own pybind classes (Fail, InvalidGraph, NotImplemented ...)
+        text = " ".join(str(err).split())
+        text = text.split("] ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
+        raise OnnxspfqError(f"onnxruntime cannot run this model: {text[:300]}; the pass needs a model onnxruntime "
+                            "runs (check the ops and types it uses)") from None
+
+
 # ------------------------------------------------------------------------------------------- protobuf wire level
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     value, shift = 0, 0

@@ -151,7 +151,9 @@ def _prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> _Layer:
         raise OnnxspfqError("weight contains NaN or Inf: fix the model's initializer before compressing")
     H, G, F = (np.asarray(a, dtype=np.float64) for a in (stats.H, stats.G, stats.F))
     if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
-        raise OnnxspfqError("Gram statistics contain NaN or Inf: check the calibration data for NaN/Inf")
+        raise OnnxspfqError("its inputs hold NaN or Inf on the calibration data: the model overflows (or divides by "
+                            "zero) before this layer, as the calibration data itself is finite; feed data in the "
+                            "range the model expects (e.g. normalised as at training)")
     H = np.ascontiguousarray(0.5 * (H + H.T))
     scale = np.abs(H).max()
     same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * scale)
@@ -354,11 +356,16 @@ def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T,
         # rows are independent runs of the path following with their own step: every candidate runs on every row
         # and each neuron keeps the one with the smallest exact error (a layer-wide pick on sampled rows clipped
         # the few outlier rows of transformer weights; docs/RESULTS.md section 3)
-        runs = [evaluate(st, 1.0, everything) for st in settings]
-        errs = np.stack([L.error(Qs)[0] for Qs, _ in runs])
-        pick = np.argmin(errs, axis=0)
-        Qk = np.stack([r[0] for r in runs])[pick, everything]
-        V = np.stack([r[1] for r in runs])[pick, everything]
+        # (a running best, not every candidate's Q and V side by side: those were 2.2 GB on 16M weights)
+        for i, st in enumerate(settings):
+            Qs, Vs = evaluate(st, 1.0, everything)
+            err = L.error(Qs)[0]
+            if i == 0:
+                Qk, V, best, pick = np.array(Qs), np.array(Vs), err, np.zeros(N1, dtype=np.int64)
+            else:  # strictly smaller: ties keep the earlier candidate, as argmin over the stacked errors did
+                won = err < best
+                Qk[won], V[won], best[won], pick[won] = Qs[won], Vs[won], err[won], i
+            del Qs, Vs
         C_row = np.array([st.C for st in settings])[pick]
         c_row = np.array([st.c_alpha for st in settings])[pick]
         st = _Setting(float(np.mean(C_row)), float(np.mean(c_row)),
@@ -478,8 +485,8 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
             return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
         return kernels.blocked_phase2(Wt[rows], L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
 
-    T = _operator(config, config.operator)
-    stochastic = config.operator == "stochastic" and T is not identity  # N:M prune only runs T = identity: no xi
+    T = _operator(config, config.T)
+    stochastic = config.T == "stochastic" and T is not identity  # N:M prune only runs T = identity: no xi
     Cs = c_candidates(config.bits, L.W.shape[1]) if auto_C else (float(config.C),)
     return _run("spfq", L, config, rng, T, stochastic, core, Cs, groups)
 

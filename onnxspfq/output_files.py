@@ -126,6 +126,8 @@ class Staging:
                 if not os.path.exists(staged):
                     continue
                 backup = None
+                if os.path.isdir(final):  # appeared after the checks: never move a folder aside (it would be lost)
+                    raise IsADirectoryError(errno.EISDIR, "a folder has this name", final)
                 if os.path.exists(final):
                     backup = staged + ".old"
                     os.replace(final, backup)

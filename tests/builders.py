@@ -39,3 +39,84 @@ def matmul_chain(path: str | os.PathLike, width: int, layers: int, seed: int = 0
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     return offset
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def mlp(widths: list[int], dtype=np.float32, seed: int = 0, batch: str = "N") -> onnx.ModelProto:
+    """x [batch, widths[0]] -> (MatMul -> Relu) ... -> y, weights N(0, 1/fan_in) in `dtype` (float16 models)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(dtype), f"W{i}"))
+        last = i == len(widths) - 2
+        nodes.append(h.make_node("MatMul", [prev, f"W{i}"], ["y" if last else f"m{i}"], name=f"mm{i}"))
+        if not last:
+            nodes.append(h.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+            prev = f"r{i}"
+    return _model(nodes, [h.make_tensor_value_info("x", elem, [batch, widths[0]])],
+                  [h.make_tensor_value_info("y", elem, [batch, widths[-1]])], inits)
+
+
+def gru_head(inp: int = 16, hidden: int = 8, out: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """ONNX GRU in its default layout, X [seq, batch, inp] and initial_h [1, batch, hidden] (the batch is axis 1 of
+    both), then Y_h [1, batch, hidden] -> MatMul W [hidden, out]: a model whose batch axis is not axis 0."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    f = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32))
+    W, R, B, M = f(1, 3 * hidden, inp), f(1, 3 * hidden, hidden), f(1, 6 * hidden), f(hidden, out)
+    W.name, R.name, B.name, M.name = "gru_W", "gru_R", "gru_B", "head_W"
+    nodes = [h.make_node("GRU", ["X", "gru_W", "gru_R", "gru_B", "", "h0"], ["Y", "Y_h"], hidden_size=hidden,
+                         name="gru"),
+             h.make_node("MatMul", ["Y_h", "head_W"], ["y"], name="head")]
+    return _model(nodes, [h.make_tensor_value_info("X", TensorProto.FLOAT, ["seq", "batch", inp]),
+                          h.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", hidden])],
+                  [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, "batch", out])], [W, R, B, M])
+
+
+def token_encoder(vocab: int = 50, width: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """input_ids [batch, seq] -> Gather embedding -> MatMul -> hidden [batch, seq, width], whose FIRST output is the
+    token ids themselves ([batch, seq], as some sentence-embedding exports list them): outputs whose shape varies
+    between unpadded batches."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    E = numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32), "embed")
+    W = numpy_helper.from_array((rng.standard_normal((width, width)) / 4).astype(np.float32), "W")
+    nodes = [h.make_node("Identity", ["input_ids"], ["ids"]),
+             h.make_node("Gather", ["embed", "input_ids"], ["e"]),
+             h.make_node("MatMul", ["e", "W"], ["hidden"], name="proj")]
+    return _model(nodes, [h.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                  [h.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+                   h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", width])], [E, W])
+
+
+def with_if_body(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` plus an If node whose then / else bodies each hold a MatMul with a constant weight (a layer the pass
+    leaves alone and `inspect` must list)."""
+    from onnx import numpy_helper
+
+    def body(tag: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(np.eye(2, dtype=np.float32), f"{tag}_W")
+        c = h.make_node("Constant", [], [f"{tag}_x"], value=numpy_helper.from_array(np.ones((1, 2), np.float32)))
+        return h.make_graph([c, h.make_node("MatMul", [f"{tag}_x", f"{tag}_W"], [f"{tag}_y"], name=f"{tag}_mm")],
+                            tag, [], [h.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, [1, 2])], [w])
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    g.node.extend([h.make_node("Constant", [], ["cond"], value=h.make_tensor("c", TensorProto.BOOL, [], [True])),
+                   h.make_node("If", ["cond"], ["branch"], then_branch=body("then"), else_branch=body("else"),
+                               name="branchy")])
+    g.output.append(h.make_tensor_value_info("branch", TensorProto.FLOAT, [1, 2]))
+    onnx.checker.check_model(m)
+    return m
