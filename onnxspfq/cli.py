@@ -244,6 +244,13 @@ def onnx_type_name(elem_type: int) -> str:
     return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
 
 
+def threading_main() -> bool:
+    """Signal handlers can only be set from the main thread (main() may run in a worker thread of a host program)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 2 bad input or an unwritable output, 1 internal error,
     130 interrupted). Errors are one line on stderr; ONNXSPFQ_DEBUG=1 shows the traceback of an internal one."""
@@ -251,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.simplefilter("ignore")  # stderr carries progress and one-line errors only; the report holds the figures
+    import signal
+
+    def _terminated(signum, frame):  # SIGTERM (a service manager, a timeout) unwinds like Ctrl-C: staging is removed
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading_main() else None
     try:
         {"compress": _compress, "evaluate": _evaluate, "inspect": _inspect}[args.command](args)
     except OnnxspfqError as err:
@@ -270,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxspfq: internal error: {type(err).__name__}: {text}; no output written. Please report this "
               "(rerun with ONNXSPFQ_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

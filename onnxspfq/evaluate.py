@@ -195,10 +195,13 @@ def resolve_task(task: str, ref: np.ndarray, output_name: str | None = None, lab
     name = (output_name or "").lower()
     if any(h in name for h in EMBED_NAME_HINTS):
         return "embed"
-    flat = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    if flat.shape[1] > 1 and len(flat) > 0 and np.allclose(np.linalg.norm(flat, axis=1), 1.0, atol=1e-3):
-        return "embed"
-    return "classify"
+    flat = np.asarray(ref).reshape(len(ref), -1)
+    if flat.shape[1] <= 1 or len(flat) == 0:
+        return "classify"
+    # row norms accumulated in float64 without a float64 copy of the output (Qwen2 0.6b's logits: 622 MB)
+    sq = np.concatenate([np.einsum("ij,ij->i", flat[i:i + _CHUNK], flat[i:i + _CHUNK], dtype=np.float64)
+                         for i in range(0, len(flat), _CHUNK)])
+    return "embed" if np.allclose(np.sqrt(sq), 1.0, atol=1e-3) else "classify"
 
 
 def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None, task: str = "classify",

@@ -274,3 +274,26 @@ def test_truncated_zip_member_is_one_line(ws, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "two.npz" in err, err
     assert list((ws / "out").iterdir()) == []
 
+
+
+def test_sigterm_mid_run_leaves_nothing(ws):
+    """SIGTERM while the layers are being compressed: exit 130, no output, no staging folder left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = ws / "out" / "q.onnx"
+    p = subprocess.Popen([sys.executable, "-m", "onnxspfq", "compress", str(ws / "m.onnx"), "--calib",
+                          str(ws / "c.npz"), "-o", str(out), "--bits", "2", "--draws", "256"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "compressing layers" not in seen and p.poll() is None:  # the progress bar: inside the layer loop
+        seen += p.stderr.read(1)
+    time.sleep(0.5)
+    assert p.poll() is None, "the run ended before the signal"
+    p.send_signal(signal.SIGTERM)
+    err = seen + p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err
+    assert "interrupted" in err.strip().splitlines()[-1]
+    assert list((ws / "out").iterdir()) == []
