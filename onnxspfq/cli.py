@@ -18,6 +18,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse defaults, except the None / False of options whose help states the real default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxspfq", description="Post-training compression of ONNX models with "
                                 "stochastic path-following quantization (SPFQ).")
@@ -25,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     c.add_argument("model", help="input .onnx model (never modified)")
     c.add_argument("--calib", default=None, help="calibration data: .npz (keys = input names, or 'images' of uint8 "
                    "pixels), .npy (single-input model), or a folder of .npy/.npz files or images; needed by every "
@@ -42,15 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default=CompressConfig.method, choices=METHODS)
     # None below = the option was not given: the setting keeps QuantConfig's default (declared there, once)
     c.add_argument("--C", type=float, default=None, dest="C", help="SPFQ damping C >= 1 (1 = SPFQ; large = plain "
-                   "stochastic rounding) [1]")
+                   f"stochastic rounding) [{QuantConfig.C}]")
     c.add_argument("--c-alpha", type=float, default=None, help="step = c_alpha * max|w| / K (default: chosen per "
                    "output channel, or per layer with --granularity layer or pruning, by the exact reconstruction error)")
     c.add_argument("--operator", default=None, choices=OPERATORS, help="the operator T (spfq) [stochastic; "
                    "nearest when pruning to 0.75 or more, where it measured better]")
     c.add_argument("--granularity", default=None, choices=GRANULARITIES, help="one step per output channel, "
-                   "per layer, or per block along the reduction axis (MatMul/Gemm only) [channel]")
-    c.add_argument("--block-size", type=int, default=None, help="block size for --granularity block [128]")
-    c.add_argument("--order", type=int, default=None, help="alignment order r (1 = merged form) [1]")
+                   "per layer, or per block along the reduction axis (MatMul/Gemm only) "
+                   f"[{QuantConfig.granularity}]")
+    c.add_argument("--block-size", type=int, default=None, help=f"block size for --granularity block [{QuantConfig.block_size}]")
+    c.add_argument("--order", type=int, default=None, help=f"alignment order r (1 = merged form) [{QuantConfig.order}]")
     c.add_argument("--perfect-alignment", action="store_true", help="least-squares phase-I alignment")
     c.add_argument("--refit-scale", action="store_true", help="after path following, re-fit each channel's step "
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
@@ -58,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
     c.add_argument("--act-order", action="store_true", help="path following / GPTQ over the input columns in "
                    "decreasing order of their energy (largest inputs first; not with N:M or block granularity)")
-    c.add_argument("--damp", type=float, default=None, help="GPTQ Hessian damping [0.01]")
-    c.add_argument("--seed", type=int, default=CompressConfig.seed)
+    c.add_argument("--damp", type=float, default=None, help=f"GPTQ Hessian damping [{QuantConfig.damp}]")
+    c.add_argument("--seed", type=int, default=CompressConfig.seed, help="randomness seed: the same seed and input "
+                   "give the same bytes")
     c.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
     c.add_argument("--batch-size", type=int, default=CompressConfig.batch_size,
                    help="calibration batch size for onnxruntime")

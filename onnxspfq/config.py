@@ -14,6 +14,14 @@ GRANULARITIES = ("channel", "layer", "block")
 FORMATS = ("qdq", "float", "nbits", "sparse")
 
 
+def levels(bits: int) -> int:
+    """K, the largest integer code: 2^(b-1) - 1 for b >= 2, 1 for binary (codes live in {-K..K}; bits 1 and 2 both
+    give K = 1). The one definition of the grid (operators, emitters, methods read it from here)."""
+    if bits not in BITS:
+        raise OnnxspfqError(f"unsupported bits value {bits!r}: use one of {', '.join(map(str, BITS))}")
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How one weight matrix is quantized.
@@ -127,7 +135,7 @@ class QuantConfig:
         """K: the largest integer code; codes live in {-K..K} (b >= 2) or {-1, +1} (b = 1)."""
         if self.bits is None:
             raise ValueError("no quantization grid: bits is None (prune only)")
-        return 1 if self.bits == 1 else 2 ** (self.bits - 1) - 1
+        return levels(self.bits)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.io import Model, as_model
 
@@ -42,7 +43,7 @@ class NBitsWeight:
 
 
 def _check_codes(codes: np.ndarray, bits: int, name: str) -> None:
-    lo, hi = (-1, 1) if bits in (1, 2) else (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    lo, hi = -levels(bits), levels(bits)
     if codes.size and (codes.min() < lo or codes.max() > hi):
         raise OnnxspfqError(
             f"layer {name!r}: {bits}-bit codes must lie in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]: "

@@ -23,10 +23,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
-FORMATS = ("qdq", "float")
+EMITS = ("qdq", "float")  # what emit() writes; the formats a run offers are config.FORMATS
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # bits -> (numpy storage dtype, ONNX type name, minimum opset of DequantizeLinear on that type)
@@ -38,11 +39,6 @@ _STORAGE: dict[int, tuple[Any, str, int]] = {
     1: (ml_dtypes.int2, "INT2", 25),
 }
 _BLOCKWISE_OPSET = 21
-
-
-def levels(bits: int) -> int:
-    """Largest code magnitude K for `bits` (codes live in {-K..K}; bits 1 and 2 both give K = 1)."""
-    return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
 def dequantize(result: Any) -> np.ndarray:
@@ -253,8 +249,8 @@ def emit(model: onnx.ModelProto, items: list[tuple[Any, Any, int]], fmt: str = "
     fmt "qdq": packed integer weights behind DequantizeLinear (opset / IR raised as needed).
     fmt "float": the same initializers holding codes * scale as float32, opset unchanged (for inspection).
     """
-    if fmt not in FORMATS:
-        raise OnnxspfqError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt not in EMITS:
+        raise OnnxspfqError(f"unknown output format {fmt!r}: use one of {', '.join(EMITS)}")
     groups = _group_by_weight(items)
     for layer, _result, _bits in items:
         init = model.graph.initializer[_find_initializer(model.graph, layer.weight)]

@@ -49,10 +49,10 @@ from typing import Callable
 import numpy as np
 
 from onnxspfq import kernels
-from onnxspfq.config import QuantConfig
+from onnxspfq.config import QuantConfig, levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.operators import (grid_params, identity, levels, nm_groups_for, prune_params, select_operator,
+from onnxspfq.operators import (grid_params, identity, nm_groups_for, prune_params, select_operator,
                                 step_sizes)
 
 SEARCH_ROWS = 64

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 
 NPARAMS = 2  # width of the parameter rows built by grid_params
@@ -157,13 +158,6 @@ def select_operator(bits: int | None, operator: str, prune: bool = False):
     if bits == 1:
         return stochastic_binary if operator == "stochastic" else nearest_binary
     return stochastic_round if operator == "stochastic" else nearest_round
-
-
-def levels(bits: int) -> int:
-    """K, the largest integer code: 2^(b-1) - 1 for b >= 2, 1 for binary."""
-    if bits not in (8, 4, 3, 2, 1):
-        raise OnnxspfqError(f"unsupported bits value {bits!r}: use one of 8, 4, 3, 2, 1")
-    return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
 def step_sizes(W: np.ndarray, bits: int, c_alpha: float, granularity: str, block_size: int) -> tuple[np.ndarray, int]:

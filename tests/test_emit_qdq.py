@@ -14,7 +14,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxspfq import io as oio
-from onnxspfq.emit_qdq import dequantize, emit, levels, min_ir_version
+from onnxspfq.config import levels
+from onnxspfq.emit_qdq import dequantize, emit, min_ir_version
 from onnxspfq.errors import OnnxspfqError
 
 from emit_helpers import Result, real_layers
