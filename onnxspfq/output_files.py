@@ -43,7 +43,7 @@ def check(outputs: dict[str, str | None], inputs: list[str]) -> None:
     outputs: {option: path} (e.g. {"-o": "q.onnx", "--report": "r.json"}; None = not written). inputs: every file
     the run reads (the model, its external data files, calibration files); none may be an output."""
     given = {opt: p for opt, p in outputs.items() if p is not None}
-    claimed: dict[str, str] = {}
+    claimed: dict[str, str] = {}  # what each earlier output writes: "-o" (the model) or "-o data" (its .data file)
     for opt, path in given.items():
         if not str(path).strip():
             raise OnnxspfqError(f"{opt} is an empty path: give a file name")
@@ -58,8 +58,8 @@ def check(outputs: dict[str, str | None], inputs: list[str]) -> None:
                                         f"choose another {opt} path")
             for other_opt, other in claimed.items():
                 if _same(p, other):
-                    raise OnnxspfqError(f"{opt} {path} and {other_opt} {given[other_opt]} are the same file: "
-                                        "give each output its own path")
+                    what = f"{other_opt} {other}" if other_opt in given else f"the external data file {other} of -o"
+                    raise OnnxspfqError(f"{opt} {path} and {what} are the same file: give each output its own path")
             claimed[opt if p == path else f"{opt} data"] = p
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):

@@ -80,6 +80,13 @@ def _overflow_calib(d):
     np.savez(d / "c.npz", input=x)
 
 
+def _external_model(d):
+    from builders import matmul_chain
+
+    matmul_chain(d / "ext.onnx", 64, 2)
+    np.savez(d / "x.npz", x=np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+
+
 def _garbage_model(d):
     (d / "m.onnx").write_bytes(b"\x08\x07" + os.urandom(64))
 
@@ -102,6 +109,14 @@ CASES = [
     ("report-is-model", C + ["--report", "{m}"], None, ["--report", "m.onnx", "input"]),
     ("report-is-calib", C + ["--report", "{c}"], None, ["--report", "c.npz"]),
     ("report-is-output", C + ["--report", "{out}/q.onnx"], None, ["same file"]),
+    ("report-is-output-data", C + ["--report", "{out}/q.onnx.data"], None, ["same file", "external data"]),
+    ("output-is-input-data", ["compress", "{d}/ext.onnx", "--calib", "{d}/x.npz", "-o", "{d}/ext.onnx.data"],
+     _external_model, ["-o", "ext.onnx.data"]),
+    ("report-is-input-data", ["compress", "{d}/ext.onnx", "--calib", "{d}/x.npz", "-o", "{out}/q.onnx", "--report",
+                              "{d}/ext.onnx.data"], _external_model, ["--report", "ext.onnx.data"]),
+    # ext2.onnx reads ext.onnx.data; writing -o ext.onnx would write ext.onnx.data over the weights being read
+    ("output-data-is-input", ["compress", "{d}/ext2.onnx", "--calib", "{d}/x.npz", "-o", "{d}/ext.onnx"],
+     lambda d: (_external_model(d), shutil.copy(d / "ext.onnx", d / "ext2.onnx")), ["ext.onnx.data"]),
     ("output-is-model", ["compress", "{m}", "--calib", "{c}", "-o", "{m}", "-q"], None, ["-o", "input"]),
     ("output-is-calib", ["compress", "{m}", "--calib", "{c}", "-o", "{c}", "-q"], None, ["-o", "c.npz"]),
     ("json-is-model", E + ["--json", "{m}"], None, ["--json", "m.onnx"]),
