@@ -22,10 +22,10 @@ from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
-from onnxspfq.graph import Layer, check_runnable, find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model
+from onnxspfq.layers import Layer
 from onnxspfq.io import Model, model_file_bytes, save_model
 from onnxspfq.methods import METHODS
-from onnxspfq.operators import nm_groups_for
 from onnxspfq.report import LayerReport, Report, file_sha256, poor_result, weight_bytes
 
 
@@ -43,30 +43,14 @@ class CompressionResult:
         return self._model
 
 
-def _nm_groups(layer: Layer, nm: tuple[int, int] | None) -> tuple[np.ndarray | None, str]:
-    """Column groups of W (per Conv group) for N:M pruning along the axis TensorRT uses, or None with the reason
-    N:M cannot apply to this layer (it is then compressed without it)."""
-    if nm is None:
-        return None, ""
-    m = nm[1]
-    if layer.op == "Conv":
-        channels, stride = layer.shape[1], int(np.prod(layer.shape[2:]))
-        if channels % m:
-            return None, f"{nm[0]}:{m} not applicable: {channels} input channels per group is no multiple of {m}"
-        return nm_groups_for(layer.n0 // layer.groups, m, stride), ""
-    if layer.n0 % m:
-        return None, f"{nm[0]}:{m} not applicable: reduction size {layer.n0} is no multiple of {m}"
-    return nm_groups_for(layer.n0, m), ""
-
-
 def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressConfig, rng: np.random.Generator):
     """Run the configured method on each group of the layer; stitch the groups' rows back together.
     Returns (Q, info, note, quant): note says what was adapted for this layer, quant is the config it ran with."""
     quant, notes = config.quant, []
-    if layer.op == "Conv" and quant.granularity == "block":
+    if layer.op in ("Conv", "ConvTranspose") and quant.granularity == "block":
         quant = dataclasses.replace(quant, granularity="channel")  # DQ blocks cannot follow im2col columns
-        notes.append("block granularity -> per channel (Conv)")
-    groups, why = _nm_groups(layer, quant.nm)
+        notes.append(f"block granularity -> per channel ({layer.op})")
+    groups, why = layer.nm_groups(*quant.nm) if quant.nm is not None else (None, "")
     if why:
         notes.append(why)
         if quant.bits is None and not quant.sparsity:  # N:M was the only thing to do: leave the layer alone

@@ -28,9 +28,10 @@ import onnx.utils
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from onnxspfq.graph import Layer, weightless
+from onnxspfq.graph import weightless
+from onnxspfq.layers import Layer
 from onnxspfq.io import Model, as_model, session, session_options
-from onnxspfq.gram import Grams, im2col, patch_count
+from onnxspfq.gram import Grams
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
@@ -377,20 +378,14 @@ class Capture:
         return out
 
     def _rows(self, k: int, b: int, layer: Layer, x: np.ndarray) -> np.ndarray:
-        """The layer's input rows for one batch (MatMul / Gemm: one row per token; Conv: im2col patches)."""
-        if layer.op == "MatMul":
-            if x.shape[-1] != layer.n0:
-                raise ValueError(f"layer {layer.name}: input last dim {x.shape[-1]} != weight rows {layer.n0}")
-            return x.reshape(-1, layer.n0)
-        if layer.op == "Gemm":
-            return x.T if layer.trans_a else x
-        pads = layer.pads if layer.pads is not None else layer.resolve_pads(tuple(x.shape[2:]))
-        total = patch_count(x.shape, layer.kernel_shape, layer.strides, pads, layer.dilations)
-        rows = None
-        if self.max_patches is not None and total > self.max_patches:
-            rng = np.random.default_rng([self.seed, k, b])
-            rows = np.sort(rng.choice(total, self.max_patches, replace=False))
-        return im2col(x, layer.kernel_shape, layer.strides, pads, layer.dilations, rows)
+        """The layer's input rows for one batch (layers.py); convolution patches beyond max_patches are a seeded
+        random subset, the same rows in X and X~."""
+        def pick(total: int) -> np.ndarray | None:
+            if self.max_patches is None or total <= self.max_patches:
+                return None
+            return np.sort(np.random.default_rng([self.seed, k, b]).choice(total, self.max_patches, replace=False))
+
+        return layer.rows(x, pick)
 
 
 def _cleanup(budget: _Budget) -> None:

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.layers import WEIGHT_OPS
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
 EMITS = ("qdq", "float")  # what emit() writes; the formats a run offers are config.FORMATS
@@ -58,8 +59,8 @@ def _validate(layer: Any, result: Any, bits: int) -> None:
     where = f"layer {layer.name!r} (weight {layer.weight!r})"
     if bits not in _STORAGE:
         raise OnnxspfqError(f"{where}: unsupported bits {bits!r}; use one of 8, 4, 3, 2, 1")
-    if layer.op not in ("MatMul", "Gemm", "Conv"):
-        raise OnnxspfqError(f"{where}: unsupported op {layer.op!r}; only MatMul, Gemm and Conv weights are emitted")
+    if layer.op not in WEIGHT_OPS:
+        raise OnnxspfqError(f"{where}: unsupported op {layer.op!r}; only {', '.join(WEIGHT_OPS)} weights are emitted")
     codes, scale = np.asarray(result.codes), np.asarray(result.scale)
     if codes.dtype != np.int8 or codes.ndim != 2:
         raise OnnxspfqError(f"{where}: codes must be a 2-D int8 array (N1, N0), got {codes.dtype} {codes.shape}")
@@ -189,10 +190,10 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
     for layer, result, bits in groups.values():
         needed = max(needed, _STORAGE[bits][2])
         if _blocked(result):
-            if layer.op == "Conv":
+            if layer.op not in ("MatMul", "Gemm"):
                 raise OnnxspfqError(
-                    f"layer {layer.name!r}: block-wise scales are not supported for Conv; use per-channel "
-                    "granularity for Conv layers"
+                    f"layer {layer.name!r}: block-wise scales are not supported for {layer.op}; use per-channel "
+                    "granularity for convolutions"
                 )
             needed = max(needed, _BLOCKWISE_OPSET)
     model = _raise_opset(model, needed)

@@ -1,12 +1,11 @@
 """Model side of the ONNX pass: load a model, fold constant weight chains, and find the compressible layers.
 
-A layer is a MatMul / Gemm / Conv whose weight is a constant initializer. `Layer.matrix()` maps the weight to the
-N1 x N0 matrix W of ALGORITHM.md Section 1 (rows = output neurons) and `Layer.tensor()` maps it back.
+A layer is a MatMul / Gemm / Conv / ConvTranspose whose weight is a constant initializer; layers.py holds what
+each op's weight and input look like (`Layer`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
 
 import numpy as np
@@ -15,10 +14,9 @@ from onnx import numpy_helper
 
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.io import DERIVED, LAZY_MIN_ELEMENTS, Model, as_model, open_model
+from onnxspfq.layers import WEIGHT_OPS, Layer, ineligible, make_layer
 
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -254,130 +252,6 @@ def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     return shapes
 
 
-# ---------------------------------------------------------------------------------------------------------- Layer
-@dataclass
-class Layer:
-    """One compressible node: MatMul (constant B = W0 [K, N]), Gemm (constant B) or Conv (W0 [M, C/g, *k]).
-
-    matrix() is W (N1 x N0, float64), rows = output neurons; tensor() is its exact inverse.
-    pads are ONNX order (begins then ends), resolved from auto_pad with the inferred input shape; None when the
-    input's spatial size is unknown before run time (use resolve_pads).
-    """
-
-    name: str
-    op: str
-    input: str
-    output: str
-    weight: str
-    dims: tuple[int, ...]
-    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
-    node_index: int = 0
-    groups: int = 1
-    kernel_shape: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    pads: tuple[int, ...] | None = ()
-    dilations: tuple[int, ...] = ()
-    auto_pad: str = "NOTSET"
-    trans_a: bool = False
-    trans_b: bool = False
-    alpha: float = 1.0
-    bias: str | None = None
-    weight_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
-    input_shape: tuple[int | None, ...] | None = None
-    shared_with: list[str] = field(default_factory=list)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.dims)
-
-    @property
-    def W0(self) -> np.ndarray:
-        """The weight as the node reads it, float32, read from its model now (not kept: a layer of a large model
-        holds no weight between calls)."""
-        return np.ascontiguousarray(self.read(), dtype=np.float32)
-
-    @property
-    def channel_axis(self) -> int:
-        """Axis of W0 that indexes the N1 output neurons (per-channel scales live along it)."""
-        if self.op == "Conv":
-            return 0
-        if self.op == "Gemm":
-            return 0 if self.trans_b else 1
-        return 1
-
-    @property
-    def reduction_axis(self) -> int:
-        """Axis of W0 summed over by the node (Conv: 1, the input channels; the kernel axes follow it)."""
-        if self.op == "Conv":
-            return 1
-        if self.op == "Gemm":
-            return 1 if self.trans_b else 0
-        return 0
-
-    @property
-    def n1(self) -> int:
-        return int(self.dims[self.channel_axis])
-
-    @property
-    def n0(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64) // self.n1)
-
-    def matrix(self, w0: np.ndarray | None = None, dtype: type = np.float64) -> np.ndarray:
-        """W (N1 x N0), float64 unless `dtype` says otherwise: MatMul B.T, Gemm B (transB) or B.T, Conv
-        W0.reshape(M, -1); of `w0` when given (an array in W0's layout), else of the layer's own weight."""
-        w = np.asarray(self.W0 if w0 is None else w0, dtype=dtype)
-        if self.op == "Conv":
-            return np.ascontiguousarray(w.reshape(w.shape[0], -1))
-        if self.op == "Gemm" and self.trans_b:
-            return np.ascontiguousarray(w)
-        return np.ascontiguousarray(w.T)
-
-    def tensor(self, W: np.ndarray) -> np.ndarray:
-        """Inverse of matrix(): W (N1 x N0) back to W0's shape and layout (float32, or W's dtype if integer)."""
-        W = np.asarray(W)
-        if W.shape != (self.n1, self.n0):
-            raise ValueError(f"layer {self.name}: expected a ({self.n1}, {self.n0}) matrix, got {W.shape}")
-        dtype = W.dtype if np.issubdtype(W.dtype, np.integer) else np.float32
-        if self.op == "Conv":
-            out = W.reshape(self.dims)
-        elif self.op == "Gemm" and self.trans_b:
-            out = W
-        else:
-            out = W.T
-        return np.ascontiguousarray(out, dtype=dtype)
-
-    def group_rows(self) -> list[slice]:
-        """Row slices of matrix() per Conv group (one slice covering all rows for MatMul / Gemm / groups=1)."""
-        g = self.groups if self.op == "Conv" else 1
-        per = self.n1 // g
-        return [slice(i * per, (i + 1) * per) for i in range(g)]
-
-    def resolve_pads(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
-        """Conv pads (begins then ends) for an input of the given spatial size, honouring auto_pad."""
-        return conv_pads(spatial, self.kernel_shape, self.strides, self.dilations, self.auto_pad,
-                         self.pads if self.auto_pad in ("NOTSET", "") else None)
-
-
-def conv_pads(spatial: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
-              dilations: tuple[int, ...], auto_pad: str, pads: tuple[int, ...] | None) -> tuple[int, ...]:
-    """ONNX Conv padding rules: explicit pads, VALID, or SAME_UPPER / SAME_LOWER (extra pad at the end / begin)."""
-    nd = len(kernel)
-    if auto_pad in ("NOTSET", ""):
-        return tuple(pads) if pads else (0,) * (2 * nd)
-    if auto_pad == "VALID":
-        return (0,) * (2 * nd)
-    begins, ends = [], []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
-        out = -(-size // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-        small = total // 2
-        if auto_pad == "SAME_UPPER":
-            begins.append(small), ends.append(total - small)
-        else:
-            begins.append(total - small), ends.append(small)
-    return tuple(begins + ends)
-
-
 # ---------------------------------------------------------------------------------------------------- find_layers
 def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str] = ()) -> tuple[list[Layer], list[dict]]:
     """The compressible layers of `model` (call on fold_weight_chains' output) in topological order, and the
@@ -407,7 +281,7 @@ def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str
     for i, node in enumerate(g.node):
         if node.op_type not in WEIGHT_OPS:
             continue
-        reason = _ineligible(node, inits, overridable)
+        reason = ineligible(node, inits, overridable)
         if reason is None and names[i] in skip:
             reason = "skipped by user"
         if reason is None:
@@ -426,7 +300,7 @@ def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str
             continue
         if w in by_weight:
             continue
-        layer = _make_layer(node, names[i], i, inits[w], shapes, src)
+        layer = make_layer(node, names[i], i, inits[w], shapes, lambda t=inits[w]: src.array(t))
         layer.shared_with = [names[j] for j in consumers[w] if j != i]
         by_weight[w] = layer
         layers.append(layer)
@@ -480,60 +354,3 @@ def check_runnable(model: onnx.ModelProto) -> None:
             raise OnnxspfqError(f"node {n.name or n.output[0]!r} is op {n.op_type} of custom domain {n.domain!r}, "
                                 "which onnxruntime cannot run without that op's library; calibration runs the model "
                                 "in onnxruntime: replace the op or export without it")
-
-
-def _ineligible(node: onnx.NodeProto, inits: dict, overridable: set[str]) -> str | None:
-    """Why a MatMul / Gemm / Conv node cannot be compressed, or None."""
-    if node.domain not in ("", "ai.onnx"):
-        return f"op in domain {node.domain!r}"
-    if len(node.input) < 2:
-        return "node has no weight input"
-    a, b = node.input[0], node.input[1]
-    if b not in inits:
-        if node.op_type == "MatMul" and a in inits:
-            return "constant is the first MatMul input (only activation @ constant is supported)"
-        return "weight is computed at run time (not a constant initializer)"
-    if a in inits:
-        return "both inputs are constants"
-    t = inits[b]
-    if t.data_type not in FLOAT_TYPES:
-        return f"weight dtype {onnx.helper.tensor_dtype_to_string(t.data_type)} is not floating point"
-    rank = len(t.dims)
-    if node.op_type in ("MatMul", "Gemm") and rank != 2:
-        return f"weight has rank {rank} (only 2-D weights are compressed)"
-    if node.op_type == "Conv" and rank not in (3, 4, 5):
-        return f"Conv weight has rank {rank} (1-D, 2-D and 3-D Conv are supported)"
-    return None
-
-
-def _make_layer(node: onnx.NodeProto, name: str, index: int, init: onnx.TensorProto,
-                shapes: dict[str, tuple[int | None, ...]], model: Model) -> Layer:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    dims = tuple(int(d) for d in init.dims)
-    layer = Layer(name=name, op=node.op_type, input=node.input[0], output=node.output[0], weight=init.name,
-                  dims=dims, read=lambda: model.array(init), node_index=index,
-                  weight_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)),
-                  input_shape=shapes.get(node.input[0]),
-                  bias=node.input[2] if len(node.input) > 2 and node.input[2] else None)
-    if node.op_type == "Gemm":
-        layer.trans_a = bool(attrs.get("transA", 0))
-        layer.trans_b = bool(attrs.get("transB", 0))
-        layer.alpha = float(attrs.get("alpha", 1.0))
-    elif node.op_type == "Conv":
-        nd = len(dims) - 2
-        layer.groups = int(attrs.get("group", 1))
-        layer.kernel_shape = tuple(int(k) for k in attrs.get("kernel_shape", dims[2:]))
-        layer.strides = tuple(int(s) for s in attrs.get("strides", (1,) * nd))
-        layer.dilations = tuple(int(d) for d in attrs.get("dilations", (1,) * nd))
-        ap = attrs.get("auto_pad", b"NOTSET")
-        layer.auto_pad = ap.decode() if isinstance(ap, bytes) else str(ap)
-        explicit = tuple(int(p) for p in attrs.get("pads", (0,) * (2 * nd)))
-        if layer.auto_pad in ("NOTSET", "", "VALID"):
-            layer.pads = conv_pads((), layer.kernel_shape, layer.strides, layer.dilations, layer.auto_pad, explicit)
-        else:
-            shp = layer.input_shape
-            spatial = shp[2:] if shp is not None and len(shp) == nd + 2 else None
-            layer.pads = (None if spatial is None or any(s is None for s in spatial) else
-                          conv_pads(tuple(spatial), layer.kernel_shape, layer.strides, layer.dilations,
-                                    layer.auto_pad, None))
-    return layer

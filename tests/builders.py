@@ -120,3 +120,34 @@ def with_if_body(model: onnx.ModelProto) -> onnx.ModelProto:
     g.output.append(h.make_tensor_value_info("branch", TensorProto.FLOAT, [1, 2]))
     onnx.checker.check_model(m)
     return m
+
+
+def conv_transpose(c_in: int = 4, c_out: int = 6, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1),
+                   output_padding=(1, 1), dilations=None, bias: bool = True, seed: int = 0,
+                   head: bool = False) -> onnx.ModelProto:
+    """x [N, c_in, *spatial] -> ConvTranspose (one group) [-> Relu -> Conv 1x1 head when `head`]: an upsampling
+    block as PP-OCR detectors and U-Nets have."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nd = len(kernel)
+    W = numpy_helper.from_array((rng.standard_normal((c_in, c_out) + tuple(kernel)) * 0.3).astype(np.float32), "Wt")
+    inits, ins = [W], ["x", "Wt"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "bt"))
+        ins.append("bt")
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads),
+             "output_padding": list(output_padding)}
+    if dilations is not None:
+        attrs["dilations"] = list(dilations)
+    nodes = [h.make_node("ConvTranspose", ins, ["up"], name="deconv", **attrs)]
+    out = "up"
+    if head:
+        inits.append(numpy_helper.from_array((rng.standard_normal((2, c_out) + (1,) * nd) * 0.3).astype(np.float32),
+                                             "Wh"))
+        nodes += [h.make_node("Relu", ["up"], ["r"]), h.make_node("Conv", ["r", "Wh"], ["y"], name="head")]
+        out = "y"
+    spatial = ["H", "W", "D"][:nd]
+    return _model(nodes, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in] + spatial)],
+                  [h.make_tensor_value_info(out, TensorProto.FLOAT, ["N", c_out if not head else 2] + [None] * nd)],
+                  inits)

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxspfq.graph import Layer, find_layers, fold_weight_chains, node_names
+from onnxspfq.graph import find_layers, fold_weight_chains, node_names
+from onnxspfq.layers import Layer
 
 
 @dataclass

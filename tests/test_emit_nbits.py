@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxspfq.emit_nbits import choose_block_size, dequantize_nbits, emit_nbits, pack_nbits
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import Layer
+from onnxspfq.layers import Layer
 
 from emit_helpers import Result, real_layers, session
 

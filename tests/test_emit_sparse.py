@@ -12,7 +12,7 @@ from onnxspfq.emit_sparse import (
     check_2_4, check_nm, dequantize_result, emit_sparse, encode, nm_mask, sparsity_report, to_sparse_proto,
 )
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import Layer
+from onnxspfq.layers import Layer
 
 from emit_helpers import Result, real_layers, session
 

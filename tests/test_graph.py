@@ -14,7 +14,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import Layer, conv_pads, find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import find_layers, fold_weight_chains, load_model
+from onnxspfq.layers import Layer, conv_pads
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):
