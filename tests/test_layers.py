@@ -70,3 +70,25 @@ def test_grouped_conv_transpose_is_left_alone_with_the_reason():
     m.graph.node[0].attribute.append(onnx.helper.make_attribute("group", 2))
     layers, skipped = find_layers(m)
     assert not layers and "grouped ConvTranspose" in skipped[0]["reason"]
+
+
+def test_grouped_conv_takes_two_four(tmp_path):
+    """N:M groups of a grouped Conv span one group's columns (n0 is per group; n0 // groups raised before)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxspfq.config import CompressConfig, QuantConfig
+    from onnxspfq.emit_sparse import check_nm
+
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "W")  # 8 channels, 2 groups
+    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], group=2, pads=[1, 1, 1, 1], name="gconv")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6, 6])], [W])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calib = [{"x": rng.standard_normal((4, 8, 6, 6)).astype(np.float32)}]
+    res = compress(str(path), calib, output=str(tmp_path / "q.onnx"), progress=False,
+                   config=CompressConfig(quant=QuantConfig(bits=None, nm=(2, 4)), format="float"))
+    assert res.report.layers[0].nm == "2:4" and res.report.layers[0].groups == 2
+    w = onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "q.onnx")).graph.initializer[0])
+    assert check_nm(w, "Conv", False, 2, 4)[0]
