@@ -14,37 +14,11 @@ so the same seed and inputs give bit-identical Q on any number of threads).
         the round(sparsity * N0) smallest |w| are zeroed, or, with N:M, the M - N smallest |w| of every group; the
         survivors are then rounded (bits set) or kept in float (bits None).
 
-Pruning (config.sparsity > 0, data-aware methods): the operator gets a threshold lambda_n per row (operators.py:
-(c) stochastic pruning when bits is None, (d) joint quantization + pruning otherwise; the deterministic
-hard-threshold variants for operator "nearest", gpfq and gptq). lambda_n = kappa * base_n, where base_n solves
-"expected zero fraction of row n = sparsity" from |w_n| by bisection (stochastic: mean(max(0, 1 - |w|/lambda)),
-deterministic: mean(|w| < lambda); dead input columns count as zeros), and the one layer factor kappa is then
-fitted by bracketing + geometric bisection on the MEASURED zero fraction of the actual path-following result (first
-on the search rows, then on the full layer) until it is within SPARSITY_TOL of the target (or the closest reached).
-N:M (config.nm): decided inside the path following (kernels.py, module docstring), groups from `nm_groups` or,
-when None, consecutive groups along N0. Prune only (bits None): Q stays float, LayerResult.codes / scale are None.
-
-Step sizes: operators.step_sizes (delta = c_alpha * max|w| / K per channel / layer / block; 1-bit: a = c_alpha *
-max|w|). With config.c_alpha = None each method tries a small candidate set (CANDIDATES; 1-bit stochastic: c in
-0.3..1, i.e. clipping allowed, which measured far better than the unbiased c >= 1) and keeps the one with the
-smallest exact Gram reconstruction error ||X w_n - X~ q_n||^2:
-- per output channel (channel / block granularity, no pruning): every candidate runs on every row (same xi) and each
-  row keeps its best; rows are independent runs of the path following, so this is exact, and it keeps the few
-  outlier rows of transformer weights unclipped (a layer-wide pick clipped them: MiniLM 4-bit cosine 0.78 -> 0.97);
-- per layer (layer granularity, or pruning, where one threshold factor is fitted per layer): the candidates run on
-  at most SEARCH_ROWS evenly spaced rows, then the full layer runs once with the winner.
-spfq(auto_C=True) searches C jointly with c_alpha the same way (C_CANDIDATES; 1-bit: C_CANDIDATES_BINARY plus
-log N0). Stochastic operators then run config.n_draws - 1 further draws of xi (default: 8 draws in all at 1-2 bits
-without pruning) and each row keeps its best draw.
-Zero-norm input columns (d[t] = 0: never active on the calibration data) get q = 0 in the kernels (as ALGORITHM.md
-says) and are then rounded to nearest by the methods when quantizing without pruning: their value does not change
-the layer output on the calibration data, and zeroing them breaks inputs that fire on other data.
+The search around each method (candidate steps, per-row pick, pruning threshold fit, best of draws, dead columns,
+refit) is search.py; this module holds the algorithm forms.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -52,121 +26,8 @@ from onnxspfq import kernels
 from onnxspfq.config import QuantConfig, levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.operators import (grid_params, identity, nm_groups_for, prune_params, select_operator,
-                                step_sizes)
-
-SEARCH_ROWS = 64
-CANDIDATES = {
-    8: (1.0, 0.9, 0.8),
-    4: (1.0, 0.9, 0.8, 0.7, 0.6),
-    3: (1.0, 0.85, 0.7, 0.6, 0.5),
-    2: (0.8, 0.65, 0.5, 0.4, 0.3),
-}
-CANDIDATES_BINARY_STOCHASTIC = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # c < 1 clips (biased), but measured far better
-CANDIDATES_BINARY_NEAREST = (0.3, 0.45, 0.6, 0.8, 1.0)
-C_CANDIDATES = (1.0, 1.5, 2.0)
-C_CANDIDATES_BINARY = (1.0, 2.0, 4.0)  # plus log(N0): the theory's choice to keep v inside [-a, a]
-SPARSITY_TOL = 0.0025  # kappa is refined until the achieved zero fraction is within this of the target
-
-
-@dataclass
-class LayerResult:
-    """What a method reports for one weight matrix.
-
-    codes: int8 (N1, N0) integer codes ({-K..K}, or {-1, +1} for 1-bit); pruned weights are code 0. None when
-        pruning only (bits None: Q is float).
-    scale: float64 (N1, nblocks) step per row and block (nblocks = 1 unless granularity == "block"); for 1-bit a.
-        None when pruning only.
-    block_size: columns per scale block (N0 when not blocked). Q == codes * repeat(scale, block_size, 1)[:, :N0].
-    rel_error: (N1,) ||X w - X~ q||^2 / ||X w||^2 from the Grams (0 where both are 0, inf where only X w is 0).
-    sq_error: (N1,) ||X w - X~ q||^2.
-    clip_fraction: fraction of (neuron, t) steps with a live input column where |v| exceeded the alphabet's
-        range K * step (there T clips and is no longer unbiased); 0 when pruning only (no range).
-    c_alpha: the step multiplier used (None: no grid, or rtn's 1-bit a = mean|w|); when it was chosen per output
-        channel (c_alpha None, channel / block granularity, no pruning), the mean of c_alpha_row.
-    c_alpha_row: (N1,) the multiplier each channel kept when chosen per channel, else None.
-    method, bits, C: what ran (C: mean over channels when auto_C chose it per channel).
-    sparsity: achieved fraction of exact zeros in Q (all N1 * N0 entries).
-    threshold: (N1,) pruning threshold lambda_n used (unstructured pruning in spfq / gpfq / gptq), else None.
-    """
-
-    codes: np.ndarray | None
-    scale: np.ndarray | None
-    block_size: int
-    rel_error: np.ndarray
-    sq_error: np.ndarray
-    clip_fraction: float
-    c_alpha: float | None
-    method: str
-    bits: int | None
-    C: float
-    sparsity: float = 0.0
-    threshold: np.ndarray | None = None
-    c_alpha_row: np.ndarray | None = None
-
-
-@dataclass
-class _Layer:
-    W: np.ndarray
-    H: np.ndarray
-    G: np.ndarray
-    F: np.ndarray
-    d: np.ndarray
-    same: bool  # X~ == X (G == H)
-    perm: np.ndarray | None = None  # act-order: column t of this layer is column perm[t] of the caller's W
-    _wFw: np.ndarray | None = None  # cached w^T F w per row and W G^T: the Q-independent parts of the error
-    _WG: np.ndarray | None = None
-
-    def error(self, Q: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(||X w_n - X~ q_n||^2, relative error) for Q = the rows `rows` (all when None) of the result."""
-        if self._wFw is None:
-            self._wFw = np.einsum("ij,ij->i", self.W @ self.F, self.W)
-            self._WG = self.W @ self.G.T
-        r = slice(None) if rows is None else rows
-        return _error_terms(self._wFw[r], np.einsum("ij,ij->i", self._WG[r], Q), Q, self.H)
-
-
-# Core: (rows, T, xi, P, bs, C, groups, nkeep) -> (Q, V) on W[rows]; built once per call (shared preparation).
-Core = Callable[..., tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass
-class _Setting:
-    C: float
-    c_alpha: float | None
-    scale: np.ndarray | None
-    bs: int
-    base: np.ndarray | None  # per-row base threshold (unstructured pruning)
-
-
-def _prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> _Layer:
-    W = np.asarray(W)
-    if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
-        raise OnnxspfqError(f"weight must be a non-empty 2-D (N1, N0) matrix, got shape {W.shape}: reshape it first")
-    if W.shape[1] != stats.n0:
-        raise OnnxspfqError(f"weight has {W.shape[1]} input columns but the Grams have N0 = {stats.n0}: "
-                            "pass W with rows = output neurons (W = B.T for MatMul)")
-    W = np.ascontiguousarray(W, dtype=np.float64)
-    if not np.all(np.isfinite(W)):
-        raise OnnxspfqError("weight contains NaN or Inf: fix the model's initializer before compressing")
-    H, G, F = (np.asarray(a, dtype=np.float64) for a in (stats.H, stats.G, stats.F))
-    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
-        raise OnnxspfqError("its inputs hold NaN or Inf on the calibration data: the model overflows (or divides by "
-                            "zero) before this layer, as the calibration data itself is finite; feed data in the "
-                            "range the model expects (e.g. normalised as at training)")
-    H = np.ascontiguousarray(0.5 * (H + H.T))
-    scale = np.abs(H).max()
-    same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * scale)
-    G = H if same else np.ascontiguousarray(G)
-    F = 0.5 * (F + F.T)
-    perm = None
-    if act_order:
-        perm = np.argsort(-np.diag(H), kind="stable")
-        W, H, G, F = (np.ascontiguousarray(a) for a in (W[:, perm], H[np.ix_(perm, perm)],
-                                                         G[np.ix_(perm, perm)], F[np.ix_(perm, perm)]))
-        G = H if same else G
-    return _Layer(W, H, G, np.ascontiguousarray(F), np.diag(H).copy(), same, perm)
-
+from onnxspfq.operators import identity, nm_groups_for, select_operator
+from onnxspfq.search import LayerResult, Prepared, c_candidates, prepare, run
 
 def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.ndarray | None:
     """Validated N:M groups (n_groups, M) or None; consecutive groups when config.nm is set and none are given."""
@@ -187,26 +48,7 @@ def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.nd
     return np.ascontiguousarray(g, dtype=np.int64)
 
 
-def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-neuron (||Xw - X~q||^2, relative error) from the Grams: w^T F w - 2 q^T G w + q^T H q."""
-    W = np.asarray(W, dtype=np.float64)
-    Q = np.asarray(Q, dtype=np.float64)
-    return _error(W, Q, stats.H, stats.G, stats.F)
-
-
-def _error(W, Q, H, G, F):
-    return _error_terms(np.einsum("ij,ij->i", W @ F, W), np.einsum("ij,ij->i", W @ G.T, Q), Q, H)
-
-
-def _error_terms(wFw, qGw, Q, H):
-    qHq = np.einsum("ij,ij->i", Q @ H, Q)
-    sq = np.maximum(wFw - 2.0 * qGw + qHq, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(wFw > 0, sq / np.where(wFw > 0, wFw, 1.0), np.where(sq > 0, np.inf, 0.0))
-    return sq, rel
-
-
-def _perfect_align(L: _Layer, damp: float) -> np.ndarray:
+def _perfect_align(L: Prepared, damp: float) -> np.ndarray:
     """W~ solving (H + eps I) w~ = G w for every row; eps = damp * mean(diag H) (1e-8 relative if damp = 0)."""
     mean_d = float(L.d.mean())
     if mean_d == 0.0:
@@ -214,241 +56,6 @@ def _perfect_align(L: _Layer, damp: float) -> np.ndarray:
     eps = (damp if damp > 0 else 1e-8) * mean_d
     A = L.H + eps * np.eye(L.H.shape[0])
     return np.ascontiguousarray(np.linalg.solve(A, L.G @ L.W.T).T)
-
-
-def _nearest_on_grid(W: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> np.ndarray:
-    """Round-to-nearest values of W on the grid (1-bit: sign, 0 -> +a)."""
-    rep = np.repeat(scale, bs, axis=1)[:, : W.shape[1]]
-    if bits == 1:
-        return np.where(W < 0, -rep, rep)
-    return np.clip(np.rint(W / np.where(rep > 0, rep, 1.0)), -levels(bits), levels(bits)) * rep
-
-
-def _codes(Q: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes and the de-quantized matrix rebuilt from them (bit-identical to T's values)."""
-    rep = np.repeat(scale, bs, axis=1)[:, : Q.shape[1]]
-    if bits == 1:
-        codes = np.where(Q < 0, -1, 1).astype(np.int8)
-    else:
-        K = levels(bits)
-        safe = np.where(rep > 0, rep, 1.0)
-        codes = np.clip(np.where(rep > 0, np.rint(Q / safe), 0.0), -K, K).astype(np.int8)
-    return codes, codes * rep
-
-
-def _clip_fraction(V: np.ndarray, P: np.ndarray, bs: int, live: np.ndarray) -> float:
-    lim = np.repeat(P[..., 0] * P[..., 1], bs, axis=1)[:, : V.shape[1]]
-    cols = np.flatnonzero(live)
-    if cols.size == 0:
-        return 0.0
-    return float(np.mean(np.abs(V[:, cols]) > lim[:, cols]))
-
-
-def _candidates(config: QuantConfig, stochastic: bool) -> tuple[float, ...]:
-    if config.c_alpha is not None:
-        return (float(config.c_alpha),)
-    if config.bits == 1:
-        return CANDIDATES_BINARY_STOCHASTIC if stochastic else CANDIDATES_BINARY_NEAREST
-    return CANDIDATES[config.bits]
-
-
-def c_candidates(bits: int | None, n0: int) -> tuple[float, ...]:
-    """The C values spfq(auto_C=True) tries: {1, 2, 4, log N0} for 1-bit, {1, 1.5, 2} otherwise."""
-    if bits == 1:
-        return tuple(sorted(set(C_CANDIDATES_BINARY) | {round(max(1.0, math.log(max(n0, 2))), 3)}))
-    return C_CANDIDATES
-
-
-def base_threshold(W: np.ndarray, sparsity: float, stochastic: bool, live: np.ndarray | None = None) -> np.ndarray:
-    """Per-row lambda_n whose EXPECTED zero fraction on |w_n| equals `sparsity` (bisection, vectorized over rows).
-
-    stochastic (operator (c)): P(zero | v) = max(0, 1 - |v| / lambda); deterministic: [|v| < lambda]. Columns not
-    `live` (dead inputs, always q = 0) count as zeros. The path following moves v away from w, so this is only the
-    starting point that the measured fit then scales.
-    """
-    A = np.abs(np.asarray(W, dtype=np.float64))
-    n1, n0 = A.shape
-    live = np.ones(n0, dtype=bool) if live is None else np.asarray(live, dtype=bool)
-    Al = A[:, live]
-    ndead = n0 - Al.shape[1]
-    lo = np.zeros(n1)
-    hi = 2.0 * np.maximum(A.max(axis=1), A.mean(axis=1) / max(1.0 - sparsity, 1e-12)) + 1e-300
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        if stochastic:
-            z = np.clip(1.0 - Al / mid[:, None], 0.0, 1.0).sum(axis=1)
-        else:
-            z = (Al < mid[:, None]).sum(axis=1)
-        low = (z + ndead) / n0 < sparsity
-        lo = np.where(low, mid, lo)
-        hi = np.where(low, hi, mid)
-    return hi
-
-
-def _fit_kappa(run: Callable[[float], tuple], target: float, k0: float, factor: float, max_evals: int = 24):
-    """Scale kappa so the measured zero fraction of run(kappa)[0] hits target: bracket, then geometric bisection.
-
-    Returns (kappa, (Q, V)) of the evaluated kappa closest to the target (first one within SPARSITY_TOL)."""
-    best = None
-    lo = hi = None
-    k = k0
-    for _ in range(max_evals):
-        res = run(k)
-        z = float(np.mean(res[0] == 0.0))
-        if best is None or abs(z - target) < best[0]:
-            best = (abs(z - target), k, res)
-        if abs(z - target) <= SPARSITY_TOL:
-            break
-        if z < target:
-            lo = k
-        else:
-            hi = k
-        if lo is None:
-            k = hi / factor
-        elif hi is None:
-            k = lo * factor
-        else:
-            k = math.sqrt(lo * hi)
-            if hi / lo < 1.0 + 1e-9:
-                break
-    return best[1], best[2]
-
-
-def _run(name: str, L: _Layer, config: QuantConfig, rng: np.random.Generator, T, stochastic: bool, core: Core,
-         Cs: tuple[float, ...], groups: np.ndarray | None, grid=None) -> tuple[np.ndarray, LayerResult]:
-    """Shared driver: draw xi, pick (C, c_alpha), fit the pruning threshold, run the core, build codes / errors.
-
-    grid: optional fixed (scale, bs) that replaces the c_alpha search (rtn's 1-bit mean|w|; c_alpha then None)."""
-    N1, N0 = L.W.shape
-    xi = rng.random((N1, N0)) if stochastic else np.zeros((N1, N0))
-    quant = config.bits is not None
-    prune = config.sparsity > 0 and name != "rtn"
-    nkeep = config.nm[0] if config.nm else 0
-    live = L.d > 0
-    base = base_threshold(L.W, config.sparsity, stochastic, live) if prune else None
-    settings = []
-    for C in Cs:
-        if grid is not None:
-            settings.append(_Setting(float(C), None, grid[0], int(grid[1]), base))
-        elif quant:
-            for c in _candidates(config, stochastic):
-                scale, bs = step_sizes(L.W, config.bits, c, config.granularity, config.block_size)
-                settings.append(_Setting(float(C), float(c), scale, int(bs), base))
-        else:
-            settings.append(_Setting(float(C), None, None, N0, base))
-
-    def params(st: _Setting, kappa: float) -> np.ndarray:
-        if prune:
-            return prune_params(st.scale, config.bits, kappa * st.base, (N1, 1))
-        if quant:
-            return grid_params(st.scale, config.bits)
-        return prune_params(None, None, np.zeros(N1), (N1, 1))  # N:M prune only: identity T, no range
-
-    def run(rows: np.ndarray, P: np.ndarray, bs: int, C: float, draw: np.ndarray = xi):
-        return core(rows, T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), bs, C, groups, nkeep)
-
-    def evaluate(st: _Setting, kappa: float, rows: np.ndarray):
-        return run(rows, params(st, kappa), st.bs, st.C)
-
-    everything = np.arange(N1)
-    per_row = quant and not prune and grid is None and config.granularity != "layer" and len(settings) > 1
-    if per_row:
-        # rows are independent runs of the path following with their own step: every candidate runs on every row
-        # and each neuron keeps the one with the smallest exact error (a layer-wide pick on sampled rows clipped
-        # the few outlier rows of transformer weights; docs/RESULTS.md section 3)
-        # (a running best, not every candidate's Q and V side by side: those were 2.2 GB on 16M weights)
-        for i, st in enumerate(settings):
-            Qs, Vs = evaluate(st, 1.0, everything)
-            err = L.error(Qs)[0]
-            if i == 0:
-                Qk, V, best, pick = np.array(Qs), np.array(Vs), err, np.zeros(N1, dtype=np.int64)
-            else:  # strictly smaller: ties keep the earlier candidate, as argmin over the stacked errors did
-                won = err < best
-                Qk[won], V[won], best[won], pick[won] = Qs[won], Vs[won], err[won], i
-            del Qs, Vs
-        C_row = np.array([st.C for st in settings])[pick]
-        c_row = np.array([st.c_alpha for st in settings])[pick]
-        st = _Setting(float(np.mean(C_row)), float(np.mean(c_row)),
-                      np.stack([st.scale for st in settings])[pick, everything], settings[0].bs, None)
-        kappa = 1.0
-    else:
-        c_row = None
-        sub = everything if N1 <= SEARCH_ROWS else np.unique(np.linspace(0, N1 - 1, SEARCH_ROWS).round().astype(int))
-        best = None  # (err, setting, kappa, result on sub)
-        if len(settings) > 1 or (prune and sub.size < N1):
-            for st in settings:
-                if prune:
-                    kappa, res = _fit_kappa(lambda k: evaluate(st, k, sub), config.sparsity, 1.0, 1.5)
-                else:
-                    kappa, res = 1.0, evaluate(st, 1.0, sub)
-                err = float(L.error(res[0], sub)[0].sum()) if len(settings) > 1 else 0.0
-                # a setting that cannot reach the target sparsity (e.g. a small step caps the joint threshold at the
-                # grid's range) must not win just because it prunes less: first the sparsity miss, then the error
-                miss = (max(0.0, abs(float(np.mean(res[0] == 0.0)) - config.sparsity) - 2 * SPARSITY_TOL)
-                        if prune else 0.0)
-                if best is None or (miss, err) < best[0]:
-                    best = ((miss, err), st, kappa, res)
-            _, st, kappa, res = best
-            done = res if sub.size == N1 else None
-        else:
-            st, kappa, done = settings[0], 1.0, None
-        if done is not None:
-            Qk, V = done
-        elif prune:
-            kappa, (Qk, V) = _fit_kappa(lambda k: evaluate(st, k, everything), config.sparsity, kappa, 1.05)
-        else:
-            Qk, V = evaluate(st, kappa, everything)
-        C_row = np.full(N1, st.C)
-    P = params(st, kappa)
-    if stochastic and config.n_draws > 1 and not prune:
-        # best of several independent draws of xi, per neuron, each row with its own chosen setting
-        Qk, V = np.array(Qk), np.array(V)
-        sq = L.error(Qk)[0]
-        for _ in range(config.n_draws - 1):
-            draw = rng.random((N1, N0))
-            for C in np.unique(C_row):
-                rows = np.flatnonzero(C_row == C)
-                Qd, Vd = run(rows, P, st.bs, float(C), draw)
-                sqd = L.error(Qd, rows)[0]
-                won = sqd < sq[rows]
-                Qk[rows[won]], V[rows[won]], sq[rows[won]] = Qd[won], Vd[won], sqd[won]
-    if quant:
-        if not config.sparsity and not config.nm and not live.all():  # (rtn magnitude-prunes with prune False)
-            # Input columns never active on the calibration data do not constrain q; rounding w to nearest there
-            # (instead of the kernels' q = 0) costs nothing on that data and keeps the weight for inputs that do
-            # fire later: zeroing them cost EfficientNet-Lite0 most of its accuracy (docs/RESULTS.md).
-            Qk = np.where(live[None, :], Qk, _nearest_on_grid(L.W, st.scale, st.bs, config.bits))
-        codes, Q = _codes(Qk, st.scale, st.bs, config.bits)
-        scale = np.ascontiguousarray(st.scale, dtype=np.float64)
-        if config.refit_scale and scale.shape[1] == 1 and name != "rtn":  # rtn stays the data-free baseline
-            scale = refit_scale(codes, scale, L.W, L.H, L.G)
-            Q = codes * scale
-    else:
-        codes, Q, scale = None, np.ascontiguousarray(Qk), None
-    sq, rel = L.error(Q)
-    if L.perm is not None:  # back to the caller's column order (errors and per-row figures do not depend on it)
-        inv = np.argsort(L.perm)
-        Q = np.ascontiguousarray(Q[:, inv])
-        codes = None if codes is None else np.ascontiguousarray(codes[:, inv])
-    info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
-                       clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=name,
-                       bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
-                       threshold=(kappa * st.base) if prune else None, c_alpha_row=c_row)
-    return Q, info
-
-
-def refit_scale(codes: np.ndarray, scale: np.ndarray, W: np.ndarray, H: np.ndarray, G: np.ndarray) -> np.ndarray:
-    """ALGORITHM Section 6: for fixed integer codes k_n the step minimising ||X w_n - X~ k_n delta||^2 is
-    delta_n = k_n^T G w_n / k_n^T H k_n. Rows where that is not a positive finite number keep their step."""
-    K = codes.astype(np.float64)
-    num = np.einsum("ij,ij->i", K @ G, W)
-    den = np.einsum("ij,ij->i", K @ H, K)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        best = num / den
-    ok = np.isfinite(best) & (best > 0)
-    out = scale.copy()
-    out[ok, 0] = best[ok]
-    return out
 
 
 def _check_rng(rng) -> None:
@@ -469,7 +76,7 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     which ran. Otherwise C = config.C.
     """
     _check_rng(rng)
-    L = _prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     if L.same:
         Wt = L.W  # X~ = X: every alignment returns w itself (exact LS solution), so phase II on W
@@ -488,7 +95,7 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     T = _operator(config, config.T)
     stochastic = config.T == "stochastic" and T is not identity  # N:M prune only runs T = identity: no xi
     Cs = c_candidates(config.bits, L.W.shape[1]) if auto_C else (float(config.C),)
-    return _run("spfq", L, config, rng, T, stochastic, core, Cs, groups)
+    return run("spfq", L, config, rng, T, stochastic, core, Cs, groups)
 
 
 def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
@@ -496,7 +103,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     """GPFQ: deterministic path following (nearest T, C = 1, merged form); pruning = hard threshold (sparse GPFQ
     baseline) with the threshold fitted to the target sparsity; N:M decided inside the path following."""
     _check_rng(rng)
-    L = _prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
@@ -504,7 +111,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
             return kernels.blocked_phase2(L.W[rows], L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
         return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return _run("gpfq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
+    return run("gpfq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
 
 
 def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
@@ -513,7 +120,7 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     Pruning: hard threshold on the error-updated weights (threshold fitted to the target); N:M: SparseGPT's
     |w| / U_jj score when a group is reached."""
     _check_rng(rng)
-    L = _prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     live = L.d > 0
     # Standard OPTQ: quantize W itself with the Hessian of the compressed model's inputs X~. Quantizing the
@@ -536,7 +143,7 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return _run("gptq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
+    return run("gptq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
 
 
 def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,
@@ -579,7 +186,7 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
     """Round to nearest on the same grid (data-free baseline; the Grams only feed the c_alpha choice and error).
     Pruning: magnitude pruning (unstructured per row, or N:M) first, then rounding of the survivors (or float)."""
     _check_rng(rng)
-    L = _prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.act_order)
     groups = _groups(config, L.W.shape[1], nm_groups)
     pruned = L.W
     if config.sparsity > 0 or groups is not None:
@@ -601,7 +208,7 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
     grid = None
     if config.bits == 1 and config.c_alpha is None:
         grid = _mean_abs_grid(L.W, config.granularity, config.block_size)
-    return _run("rtn", L, config, rng, None, False, core, (1.0,), None, grid=grid)  # numpy rounding, no operator
+    return run("rtn", L, config, rng, None, False, core, (1.0,), None, grid=grid)  # numpy rounding, no operator
 
 
 METHODS = {"spfq": spfq, "gpfq": gpfq, "gptq": gptq, "rtn": rtn}

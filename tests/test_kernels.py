@@ -16,7 +16,8 @@ from onnxspfq import kernels as K
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.gram import Grams
-from onnxspfq.methods import gpfq, layer_error, spfq
+from onnxspfq.methods import gpfq, spfq
+from onnxspfq.search import layer_error
 
 OPS = {"stochastic": op.stochastic_round, "nearest": op.nearest_round, "binary": op.stochastic_binary}
 

@@ -13,7 +13,8 @@ from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.methods import CANDIDATES, METHODS, LayerResult, _candidates, layer_error, spfq
+from onnxspfq.methods import METHODS, spfq
+from onnxspfq.search import CANDIDATES, LayerResult, _candidates, layer_error
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason=f"real data missing: {FMNIST} "

@@ -19,7 +19,8 @@ from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams, im2col
-from onnxspfq.methods import METHODS, c_candidates, gptq, magnitude_mask, rtn, spfq
+from onnxspfq.methods import METHODS, magnitude_mask, rtn, spfq
+from onnxspfq.search import c_candidates
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
