@@ -13,6 +13,7 @@ import pytest
 
 from gptq_helpers import gptq_factor
 from onnxspfq import kernels as K
+from onnxspfq import reference as R
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.gram import Grams
@@ -49,8 +50,8 @@ def test_merged_forms_equal_direct(C, T_name):
     P, bs = _params(W, T_name, block=(T_name != "nearest"))
     T = OPS[T_name]
     G, H = Xt.T @ X, Xt.T @ Xt
-    Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
-    Qg, Vg = K.gram_merged(W, G, H, xi, C, T, P, bs)
+    Qd, Vd = R.direct_merged(W, X, Xt, xi, C, T, P, bs)
+    Qg, Vg = R.gram_merged(W, G, H, xi, C, T, P, bs)
     Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=8)  # 37 columns: 4 full blocks + a ragged one
     Q2, V2 = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16, inner=5)  # two-level: ragged sub-blocks
     assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb) and np.array_equal(Qd, Q2)
@@ -65,14 +66,14 @@ def test_merged_forms_equal_direct(C, T_name):
 def test_alignment_forms_equal_direct(order):
     X, Xt, W, _ = _problem(seed=1)
     G, H = Xt.T @ X, Xt.T @ Xt
-    Wd = K.direct_align(W, X, Xt, order)
-    np.testing.assert_allclose(K.gram_align(W, G, H, order), Wd, rtol=0, atol=1e-9)
+    Wd = R.direct_align(W, X, Xt, order)
+    np.testing.assert_allclose(R.gram_align(W, G, H, order), Wd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(K.blocked_align(W, G, H, order, block=8), Wd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(K.blocked_align(W, G, H, order, block=16, inner=3), Wd, rtol=0, atol=1e-9)
     assert np.all(Wd[:, [4, 11]] == 0)
     # more Gauss-Seidel passes never increase ||X w - X~ w~||^2 (it is a descent method)
     if order > 1:
-        prev = K.direct_align(W, X, Xt, order - 1)
+        prev = R.direct_align(W, X, Xt, order - 1)
         r_now = np.linalg.norm(X @ W.T - Xt @ Wd.T)
         r_prev = np.linalg.norm(X @ W.T - Xt @ prev.T)
         assert r_now <= r_prev + 1e-12
@@ -86,9 +87,9 @@ def test_two_phase_forms_equal_direct(order, C, T_name):
     P, bs = _params(W, T_name, block=False)
     T = OPS[T_name]
     G, H = Xt.T @ X, Xt.T @ Xt
-    Qd, Vd = K.direct_phase2(K.direct_align(W, X, Xt, order), Xt, xi, C, T, P, bs)
+    Qd, Vd = R.direct_phase2(R.direct_align(W, X, Xt, order), Xt, xi, C, T, P, bs)
     Wt = K.blocked_align(W, G, H, order, block=8)
-    Qg, Vg = K.gram_phase2(K.gram_align(W, G, H, order), H, xi, C, T, P, bs)
+    Qg, Vg = R.gram_phase2(R.gram_align(W, G, H, order), H, xi, C, T, P, bs)
     Qb, Vb = K.blocked_phase2(Wt, H, xi, C, T, P, bs, block=8)
     Q2, _ = K.blocked_phase2(Wt, H, xi, C, T, P, bs, block=16, inner=4)
     assert np.array_equal(Qd, Qg) and np.array_equal(Qd, Qb) and np.array_equal(Qd, Q2)
@@ -154,7 +155,7 @@ def test_operators_unbiased(v):
 def test_gram_error_formula_matches_direct():
     X, Xt, W, xi = _problem(seed=6)
     P, bs = _params(W, "stochastic", block=False)
-    Q, _ = K.direct_merged(W, X, Xt, xi, 1.0, op.stochastic_round, P, bs)
+    Q, _ = R.direct_merged(W, X, Xt, xi, 1.0, op.stochastic_round, P, bs)
     sq, rel = layer_error(W, Q, Grams.from_data(X, Xt))
     direct = np.sum((X @ W.T - Xt @ Q.T) ** 2, axis=0)
     np.testing.assert_allclose(sq, direct, rtol=1e-9)
@@ -212,10 +213,10 @@ def test_blocked_row_chunks_equal_gram_and_thread_count_free(form):
     G, H = Xt.T @ X, Xt.T @ Xt
     kw = {"groups": op.nm_groups_for(n0, 4), "nkeep": 2} if form == "merged_nm" else {}
     if form == "phase2":
-        ref = K.gram_phase2(W, H, xi, 2.5, op.stochastic_round, P, bs)
+        ref = R.gram_phase2(W, H, xi, 2.5, op.stochastic_round, P, bs)
         run = lambda: K.blocked_phase2(W, H, xi, 2.5, op.stochastic_round, P, bs, block=16)  # noqa: E731
     else:
-        ref = K.gram_merged(W, G, H, xi, 2.5, op.stochastic_round, P, bs, **kw)
+        ref = R.gram_merged(W, G, H, xi, 2.5, op.stochastic_round, P, bs, **kw)
         run = lambda: K.blocked_merged(W, G, H, xi, 2.5, op.stochastic_round, P, bs, block=16, **kw)  # noqa: E731
     before = numba.get_num_threads()
     try:

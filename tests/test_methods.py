@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from onnxspfq import kernels as K
+from onnxspfq import reference as R
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
@@ -141,7 +142,7 @@ def test_two_phase_and_perfect_alignment_run_and_align():
     Q, _ = spfq(W, stats, cfg, np.random.default_rng(9))
     scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
     xi = np.random.default_rng(9).random(W.shape)
-    Qd, _ = K.direct_phase2(K.direct_align(W, X, Xt, 2), Xt, xi, 2.5, op.stochastic_round, op.grid_params(scale, 4), bs)
+    Qd, _ = R.direct_phase2(R.direct_align(W, X, Xt, 2), Xt, xi, 2.5, op.stochastic_round, op.grid_params(scale, 4), bs)
     live = np.diag(stats.H) > 0
     assert not live.all()  # the dead column is exercised
     assert np.array_equal(Q[:, live], Qd[:, live])
@@ -209,7 +210,7 @@ def test_real_patches_blocked_equals_direct(C):
     for T, bits in ((op.stochastic_round, 4), (op.stochastic_binary, 1)):
         scale, bs = op.step_sizes(W, bits, 1.0, "channel", 1)
         P = op.grid_params(scale, bits)
-        Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
+        Qd, Vd = R.direct_merged(W, X, Xt, xi, C, T, P, bs)
         Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16)
         assert np.array_equal(Qd, Qb)
         np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9 * max(1.0, np.abs(Vd).max()))

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from gptq_helpers import gptq_factor
 from onnxspfq import kernels as K
+from onnxspfq import reference as R
 from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
@@ -92,7 +93,7 @@ def test_binary_clip_fraction_is_measured(mlp_layer):
     _, info = spfq(W, stats, cfg, np.random.default_rng(3))
     xi = np.random.default_rng(3).random(W.shape)
     scale, bs = op.step_sizes(W, 1, 1.0, "channel", 1)
-    _, V = K.direct_phase2(W, X, xi, 1.0, op.stochastic_binary, op.grid_params(scale, 1), bs)
+    _, V = R.direct_phase2(W, X, xi, 1.0, op.stochastic_binary, op.grid_params(scale, 1), bs)
     live = np.diag(stats.H) > 0
     measured = np.mean(np.abs(V[:, live]) > scale)
     assert info.clip_fraction == pytest.approx(measured) and measured > 0
@@ -138,8 +139,8 @@ def test_pruning_forms_equal_direct(name, C):
         scale, bs = op.step_sizes(W, bits, 0.9, "block", 10)
         P = op.prune_params(scale, bits, lam)
     G, H = Xt.T @ X, Xt.T @ Xt
-    Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs)
-    Qg, Vg = K.gram_merged(W, G, H, xi, C, T, P, bs)
+    Qd, Vd = R.direct_merged(W, X, Xt, xi, C, T, P, bs)
+    Qg, Vg = R.gram_merged(W, G, H, xi, C, T, P, bs)
     Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16, inner=5)
     _same(Qd, Qg, bits)
     _same(Qd, Qb, bits)
@@ -154,8 +155,8 @@ def test_pruning_forms_equal_direct(name, C):
     if name.endswith("nearest"):
         return  # phase II forms are exercised with the stochastic operators (keeps the Numba compile time down)
     Hs = X.T @ X  # phase II (X~ = X)
-    Qd2, _ = K.direct_phase2(W, X, xi, C, T, P, bs)
-    _same(Qd2, K.gram_phase2(W, Hs, xi, C, T, P, bs)[0], bits)
+    Qd2, _ = R.direct_phase2(W, X, xi, C, T, P, bs)
+    _same(Qd2, R.gram_phase2(W, Hs, xi, C, T, P, bs)[0], bits)
     _same(Qd2, K.blocked_phase2(W, Hs, xi, C, T, P, bs, block=8, inner=3)[0], bits)
 
 
@@ -178,8 +179,8 @@ def test_nm_forms_equal_direct_and_pattern_holds(grouping, T_name, C):
         P = op.grid_params(scale, bits)
     G, H = Xt.T @ X, Xt.T @ Xt
     kw = dict(groups=groups, nkeep=2)
-    Qd, Vd = K.direct_merged(W, X, Xt, xi, C, T, P, bs, **kw)
-    Qg, Vg = K.gram_merged(W, G, H, xi, C, T, P, bs, **kw)
+    Qd, Vd = R.direct_merged(W, X, Xt, xi, C, T, P, bs, **kw)
+    Qg, Vg = R.gram_merged(W, G, H, xi, C, T, P, bs, **kw)
     Qb, Vb = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=8, inner=3, **kw)  # boundaries move to group ends
     Q2, _ = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=16, inner=5, **kw)
     for Qx in (Qg, Qb, Q2):
@@ -187,8 +188,8 @@ def test_nm_forms_equal_direct_and_pattern_holds(grouping, T_name, C):
     np.testing.assert_allclose(Vg, Vd, rtol=0, atol=1e-9)
     np.testing.assert_allclose(Vb, Vd, rtol=0, atol=1e-9)
     Hs = X.T @ X
-    Qp, _ = K.direct_phase2(W, X, xi, C, T, P, bs, **kw)
-    _same(Qp, K.gram_phase2(W, Hs, xi, C, T, P, bs, **kw)[0], bits)
+    Qp, _ = R.direct_phase2(W, X, xi, C, T, P, bs, **kw)
+    _same(Qp, R.gram_phase2(W, Hs, xi, C, T, P, bs, **kw)[0], bits)
     _same(Qp, K.blocked_phase2(W, Hs, xi, C, T, P, bs, block=8, inner=3, **kw)[0], bits)
     for Q in (Qd, Qp):
         assert np.all(np.count_nonzero(Q[:, groups], axis=2) <= 2)  # 2:4 on every row and group
@@ -196,7 +197,7 @@ def test_nm_forms_equal_direct_and_pattern_holds(grouping, T_name, C):
         assert np.count_nonzero(Qd) >= 0.45 * Qd.size
     # keeping all M members is plain path following
     Qall, _ = K.blocked_merged(W, G, H, xi, C, T, P, bs, block=8, inner=3, groups=groups, nkeep=4)
-    _same(Qall, K.direct_merged(W, X, Xt, xi, C, T, P, bs)[0], bits)
+    _same(Qall, R.direct_merged(W, X, Xt, xi, C, T, P, bs)[0], bits)
 
 
 def test_gptq_nm_blocked_equals_sequential():
@@ -301,7 +302,7 @@ def test_nm_blocked_equals_direct_on_real_conv(conv_layer):
     xi = np.random.default_rng(0).random(W.shape)
     scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
     P = op.grid_params(scale, 4)
-    Qd, _ = K.direct_merged(W, X, Xt, xi, 1.0, op.stochastic_round, P, bs, groups=groups, nkeep=2)
+    Qd, _ = R.direct_merged(W, X, Xt, xi, 1.0, op.stochastic_round, P, bs, groups=groups, nkeep=2)
     Qb, _ = K.blocked_merged(W, Xt.T @ X, Xt.T @ Xt, xi, 1.0, op.stochastic_round, P, bs, groups=groups, nkeep=2)
     assert np.array_equal(Qd, Qb) and np.count_nonzero(Qd) > 0.4 * Qd.size
 

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from onnxspfq import kernels as K
+from onnxspfq import reference as R
 from onnxspfq import operators as op
 
 REPEATS = 5
@@ -72,10 +73,10 @@ def bench(n: int) -> list[tuple[str, float | None, str]]:
     rows.append(("GPTQ blocked (f64)", _best(lambda: K.gptq_blocked(W, U, live, xi, op.nearest_round, P, bs)), ""))
     if n <= UNBLOCKED_MAX_N0:
         r = 1 if n >= 1024 else REPEATS
-        rows.append(("Gram phase II, unblocked (numba)", _best(lambda: K.gram_phase2(W, H, xi, 1.0, T, P, bs), r), ""))
-        rows.append(("Gram merged, unblocked (numba)", _best(lambda: K.gram_merged(W, G, H, xi, 1.0, T, P, bs), r), ""))
+        rows.append(("Gram phase II, unblocked (numba)", _best(lambda: R.gram_phase2(W, H, xi, 1.0, T, P, bs), r), ""))
+        rows.append(("Gram merged, unblocked (numba)", _best(lambda: R.gram_merged(W, G, H, xi, 1.0, T, P, bs), r), ""))
     if n <= DIRECT_MAX_N0:
-        rows.append(("direct merged (reference, serial, O(N1 N0 m))", _best(lambda: K.direct_merged(W, X, Xt, xi, 1.0, T, P, bs), 1), f"m={m}"))
+        rows.append(("direct merged (reference, serial, O(N1 N0 m))", _best(lambda: R.direct_merged(W, X, Xt, xi, 1.0, T, P, bs), 1), f"m={m}"))
     else:
         rows.append(("direct merged (reference)", None, f"skipped: O(N1 N0 m) serial, too slow at N0={n}"))
     rows.append(("Gram build H, G from X, X~ (not path following)", t_gram, f"m={m}, 2 GEMMs f64"))
