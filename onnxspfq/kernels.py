@@ -37,12 +37,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from numba import get_num_threads, njit, prange  # noqa: E402
 
+from onnxspfq.jit import CACHE  # noqa: E402
+
 DEFAULT_BLOCK = 256  # columns per cross-block GEMM update (GPTQ)
 DEFAULT_PF_BLOCK = 128  # columns per block of the path-following engine (128 vs 256: within noise, 128 a bit faster)
 DEFAULT_INNER = 32  # columns per sequential Numba sweep inside a block
 
 
-@njit(cache=False, inline="always")
+@njit(cache=CACHE, inline="always")
 def _dot(a, b):
     # plain loop: numba's np.dot needs scipy's BLAS, which is not a dependency
     acc = 0.0
@@ -77,7 +79,7 @@ def _next_cut(n0: int, grp: np.ndarray) -> np.ndarray:
     return nxt
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def _choose(sc, row, nkeep, drop, off):
     """Mark drop[row[k] - off] for all but the nkeep largest sc[k] (ties: lower k); sc is overwritten."""
     M = row.shape[0]
@@ -110,7 +112,7 @@ def _choose(sc, row, nkeep, drop, off):
 # parallel loop measured ~1.5-2x slower on 2 cores). Every row's arithmetic is the same for any chunking.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=CACHE)
 def _sweep_block(A0, B, hasB, Rb, H, merged, Wm, Gm, s, xi, T, P, bs, b0, b1, Q, V, Z, gstart, grp, nkeep):
     # Rows here are one chunk's rows. Rb[n, k]: correction numerator of column b0 + k from all E columns < b0
     # (and, merged, from ALL W columns < b0 + k, the in-block ones included: W is known up front), updated in
@@ -200,7 +202,7 @@ def _chunks(N1: int, min_rows: int = 64) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(k)]
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _tril_cast(G, out):
     """out[t, j] = G[t, j] for j < t, else 0 (out may be float32): one parallel pass, no temporaries."""
     N = G.shape[0]
@@ -211,7 +213,7 @@ def _tril_cast(G, out):
             out[t, j] = 0.0
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _cast(A, out):
     """out[...] = A (e.g. float64 -> float32) in one parallel pass."""
     for i in prange(A.shape[0]):
@@ -219,7 +221,7 @@ def _cast(A, out):
             out[i, j] = A[i, j]
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _scale_cols(W, ratio):
     """W * ratio[None, :] in one parallel pass."""
     out = np.empty_like(W)
@@ -363,7 +365,7 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
 # GPTQ / OPTQ (Frantar et al.): nearest (or any T) with H^-1 error feedback, lazy blocked updates.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err, gstart, grp, nkeep):
     N1 = W.shape[0]
     nb = b1 - b0

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from onnxspfq.jit import CACHE
+
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 
@@ -27,13 +29,13 @@ NPARAMS = 2  # width of the parameter rows built by grid_params
 NPARAMS_PRUNE = 3  # width of the parameter rows built by prune_params (adds lambda)
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def _clip(k: float, kmax: float) -> float:
     """An integer code clipped to {-K..K}."""
     return min(max(k, -kmax), kmax)
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def stochastic_round(v: float, xi: float, p: np.ndarray) -> float:
     """(a) Unbiased stochastic rounding onto p[0] * {-K..K}: round up with probability frac(v / delta); clip."""
     d = p[0]
@@ -44,7 +46,7 @@ def stochastic_round(v: float, xi: float, p: np.ndarray) -> float:
     return _clip(f + 1.0 if xi < x - f else f, p[1]) * d
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def nearest_round(v: float, xi: float, p: np.ndarray) -> float:
     """Deterministic nearest point of p[0] * {-K..K} (ties to even, like np.rint); the GPFQ / RTN baseline."""
     d = p[0]
@@ -53,7 +55,7 @@ def nearest_round(v: float, xi: float, p: np.ndarray) -> float:
     return _clip(np.rint(v / d), p[1]) * d
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def stochastic_binary(v: float, xi: float, p: np.ndarray) -> float:
     """(b) 1-bit onto {-a, +a}: +a with probability (1 + v/a) / 2 (unbiased for |v| <= a; clipped outside)."""
     a = p[0]
@@ -68,7 +70,7 @@ def stochastic_binary(v: float, xi: float, p: np.ndarray) -> float:
     return -1.0 * a
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def nearest_binary(v: float, xi: float, p: np.ndarray) -> float:
     """Deterministic 1-bit baseline: sign(v) * a (v = 0 maps to +a)."""
     a = p[0]
@@ -77,13 +79,13 @@ def nearest_binary(v: float, xi: float, p: np.ndarray) -> float:
     return 1.0 * a if v >= 0.0 else -1.0 * a
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def identity(v: float, xi: float, p: np.ndarray) -> float:
     """T = identity: turns the merged path-following loop into phase I (data alignment) pass 0."""
     return v
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def stochastic_prune(v: float, xi: float, p: np.ndarray) -> float:
     """(c) Unbiased stochastic pruning with threshold lambda = p[2]: v if |v| >= lambda, else sign(v) * lambda with
     probability |v| / lambda, else 0. |T(v) - v| <= lambda. Values stay float (no grid)."""
@@ -96,7 +98,7 @@ def stochastic_prune(v: float, xi: float, p: np.ndarray) -> float:
     return 0.0
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def nearest_prune(v: float, xi: float, p: np.ndarray) -> float:
     """Deterministic pruning baseline: hard threshold (the keep/drop rule of magnitude pruning): v if |v| >= p[2]."""
     if abs(v) >= p[2]:
@@ -104,7 +106,7 @@ def nearest_prune(v: float, xi: float, p: np.ndarray) -> float:
     return 0.0
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def stochastic_prune_round(v: float, xi: float, p: np.ndarray) -> float:
     """(d) Joint quantization + pruning, unbiased, values on the grid delta * {-K..K} (delta = p[0], lambda = p[2]).
 
@@ -133,7 +135,7 @@ def stochastic_prune_round(v: float, xi: float, p: np.ndarray) -> float:
     return 0.0 * d
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def nearest_prune_round(v: float, xi: float, p: np.ndarray) -> float:
     """Deterministic joint baseline: hard threshold at lambda = p[2], then nearest rounding onto the grid."""
     if abs(v) < p[2]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from onnxspfq.jit import CACHE
+
 from onnxspfq.kernels import _choose, _dot, _f64, _group_arrays
 
 # ----------------------------------------------------------------------------------------------------------------
 # Direct form (Section 2): the slow reference, operating on X and X~ explicitly. O(N1 * N0 * m).
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def _direct_merged(W, XT, XtT, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = W.shape
     m = XT.shape[1]
@@ -54,7 +56,7 @@ def _direct_merged(W, XT, XtT, xi, C, T, P, bs, gstart, grp, nkeep):
     return Q, V
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def _direct_align(W, XT, XtT, passes):
     N1, N0 = W.shape
     m = XT.shape[1]
@@ -89,7 +91,7 @@ def _direct_align(W, XT, XtT, passes):
     return Wt
 
 
-@njit(cache=False)
+@njit(cache=CACHE)
 def _direct_phase2(Wt, XtT, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = Wt.shape
     m = XtT.shape[1]
@@ -152,7 +154,7 @@ def direct_phase2(Wt: np.ndarray, Xt: np.ndarray, xi: np.ndarray, C: float, T, P
 # Gram form (Section 3), literal transcription, one row per prange iteration. O(N1 * N0^2), memory O(N0^2).
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _gram_merged(W, G, H, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = W.shape
     Q = np.zeros((N1, N0))
@@ -187,7 +189,7 @@ def _gram_merged(W, G, H, xi, C, T, P, bs, gstart, grp, nkeep):
     return Q, V
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _gram_align(W, G, H, passes):
     N1, N0 = W.shape
     Wt = np.zeros((N1, N0))
@@ -222,7 +224,7 @@ def _gram_align(W, G, H, passes):
     return Wt
 
 
-@njit(parallel=True, cache=False)
+@njit(parallel=True, cache=CACHE)
 def _gram_phase2(Wt, H, xi, C, T, P, bs, gstart, grp, nkeep):
     N1, N0 = Wt.shape
     Q = np.zeros((N1, N0))

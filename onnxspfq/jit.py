@@ -1,0 +1,54 @@
+"""The Numba compile cache: every jitted function of the package is compiled once per install and code version,
+not in every process (compiling the kernels took 1-2 s of a 5 s README example here, 13-27 s per run under load).
+
+Numba's own cache is keyed on the defining file and documents that changes in OTHER files a cached function
+depends on are not detected (the kernels are passed the operators T of operators.py; reference.py calls helpers of
+kernels.py). The cache folder here is keyed on the bytes of every jitted module plus the Numba / NumPy / Python
+versions, so any change to any of them starts a fresh folder (tests/test_jit.py edits one operator, and one kernel
+helper used from another file, and checks the next process computes with the edit). Import this module before defining jitted
+functions (operators.py, kernels.py and reference.py do). ONNXSPFQ_CACHE moves the cache (default
+~/.cache/onnxspfq); a folder that cannot be written falls back to the system temp folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numba
+import numpy as np
+
+JITTED = ("operators.py", "kernels.py", "reference.py", "jit.py")  # every module with @njit functions
+
+
+def cache_key() -> str:
+    """sha256 (first 16 hex) of the jitted modules' source and the versions their machine code depends on."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in JITTED:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    h.update(f"{numba.__version__} {np.__version__} {sys.version} {sys.platform}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> str:
+    root = Path(os.environ.get("ONNXSPFQ_CACHE") or Path.home() / ".cache" / "onnxspfq")
+    for base in (root, Path(tempfile.gettempdir()) / "onnxspfq-cache"):
+        folder = base / "numba" / cache_key()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return str(folder)
+        except OSError:
+            continue
+    return ""
+
+
+CACHE_DIR = _cache_dir()
+if CACHE_DIR:
+    numba.config.CACHE_DIR = CACHE_DIR
+CACHE = bool(CACHE_DIR)  # the value every @njit(cache=...) of the package takes
