@@ -364,7 +364,7 @@ def _stack(chunks: list[dict[str, np.ndarray]], specs: list[InputSpec]) -> dict[
 def _check_array(a: np.ndarray, s: InputSpec, where: str) -> np.ndarray:
     """One chunk of one input: a sample (rank R-1, gets a batch axis) or a stack (rank R); dtype, dims, finiteness."""
     rank = len(s.shape)
-    if a.dtype == object or a.dtype.kind not in "biuf":
+    if a.dtype != s.dtype and (a.dtype == object or a.dtype.kind not in "biuf"):
         raise OnnxspfqError(f"{where}: input {s.name} has dtype {a.dtype}, expected {s.dtype}")
     if rank > 0 and a.ndim == rank - 1:
         a = a[None]
@@ -377,12 +377,14 @@ def _check_array(a: np.ndarray, s: InputSpec, where: str) -> np.ndarray:
                                 f"(axis {ax} must be {s.shape[ax]})")
     if a.dtype != s.dtype:
         safe_int = (a.dtype.kind in "biu" and s.dtype.kind in "biu" and np.can_cast(a.dtype, s.dtype, "safe"))
-        if not safe_int:
+        # bfloat16 (an ml_dtypes type numpy files cannot hold): float data is rounded to it, as the model would
+        to_bf16 = s.dtype.name == "bfloat16" and a.dtype.kind == "f"
+        if not (safe_int or to_bf16):
             raise OnnxspfqError(f"{where}: input {s.name} has dtype {a.dtype}, the model expects {s.dtype}; "
                                 f"convert it (e.g. array.astype(numpy.{s.dtype.name}))")
         a = a.astype(s.dtype)
-    if a.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(a)))
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        bad = int(np.count_nonzero(~np.isfinite(a.astype(np.float32))))
         if bad:
             raise OnnxspfqError(f"{where}: input {s.name} holds {bad} NaN/Inf value(s); clean the calibration data")
     return a

@@ -17,6 +17,7 @@ had no external data (bytes then equal `SerializeToString` of the loaded model),
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -69,8 +70,11 @@ def session(src: bytes | str, options: ort.SessionOptions | None = None,
     except Exception as err:  # onnxruntime raises its own pybind classes (Fail, InvalidGraph, NotImplemented ...)
         text = " ".join(str(err).split())
         text = text.split("] ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
-        raise OnnxspfqError(f"onnxruntime cannot run this model: {text[:300]}; the pass needs a model onnxruntime "
-                            "runs (check the ops and types it uses)") from None
+        text = re.sub(r"^:? ?\d+ : [A-Z_]+ : ", "", text)  # ": 9 : NOT_IMPLEMENTED : " status prefixes
+        fix = ("onnxruntime's CPU provider has no kernel for that op at that type (bfloat16 MatMul, for example): "
+               "convert the model to float32 or float16" if "Could not find an implementation" in text else
+               "the pass needs a model onnxruntime runs: check the ops and types it uses")
+        raise OnnxspfqError(f"onnxruntime cannot run this model: {text[:300]}; {fix}") from None
 
 
 # ------------------------------------------------------------------------------------------- protobuf wire level

@@ -87,6 +87,15 @@ def _external_model(d):
     np.savez(d / "x.npz", x=np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
 
 
+def _bfloat16_model(d):
+    import ml_dtypes
+
+    from builders import mlp
+
+    onnx.save(mlp([64, 32, 10], dtype=ml_dtypes.bfloat16), str(d / "bf.onnx"))
+    np.savez(d / "x.npz", x=np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+
+
 def _garbage_model(d):
     (d / "m.onnx").write_bytes(b"\x08\x07" + os.urandom(64))
 
@@ -133,6 +142,8 @@ CASES = [
     ("model-truncated", C, _truncated_model, ["m.onnx"]),
     ("model-custom-op", C, _custom_op_model, ["mystery", "acme.ops"]),
     ("model-no-layer", C, _relu_model, ["no compressible layer"]),
+    ("model-bfloat16-cpu", ["compress", "{d}/bf.onnx", "--calib", "{d}/x.npz", "-o", "{out}/q.onnx"], _bfloat16_model,
+     ["MatMul", "float32"]),
     ("inspect-missing", ["inspect", "{d}/nope.onnx"], None, ["nope.onnx"]),
     ("evaluate-second-missing", ["evaluate", "{m}", "{d}/nope.onnx", "--data", "{c}"], None, ["nope.onnx"]),
     # bad calibration data
