@@ -22,9 +22,9 @@ from onnxspfq.emit_sparse import check_nm, emit_sparse
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
-from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model, weightless
 from onnxspfq.layers import Layer
-from onnxspfq.io import Model, model_file_bytes, save_model
+from onnxspfq.io import Model, model_file_bytes, save_model, session
 from onnxspfq.methods import METHODS
 from onnxspfq.report import LayerReport, Report, file_sha256, poor_result, weight_bytes
 
@@ -179,6 +179,9 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     layers, skipped = find_layers(model, skip=config.skip)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
+    # onnxruntime must run the whole graph at its types (a bfloat16 MatMul has no CPU kernel) before any layer is
+    # compressed, not fail at the first segment that holds such a node: a weight-less session is cheap
+    session(weightless(model)[0].SerializeToString())
     batches = [] if calib is None else load_calibration(
         calib, model.proto, samples=config.samples, batch_size=config.batch_size, image_preprocess=image_preprocess,
         batch_axes=batch_axes)
