@@ -9,24 +9,22 @@ import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnxspfq import output_files
 from onnxspfq.calib import ImagePreprocess, load_calibration, source_files
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
-from onnxspfq.emit_nbits import emit_nbits
-from onnxspfq.emit_qdq import emit
-from onnxspfq.emit_sparse import check_nm, emit_sparse
+from onnxspfq.emit import Item, emit
+from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model, weightless
 from onnxspfq.layers import Layer
-from onnxspfq.io import Model, model_file_bytes, save_model, session
+from onnxspfq.io import model_file_bytes, save_model, session
 from onnxspfq.methods import METHODS
-from onnxspfq.report import LayerReport, Report, file_sha256, poor_result, weight_bytes
+from onnxspfq.report import LayerReport, Report, file_sha256, poor_result
 
 
 class CompressionResult:
@@ -96,33 +94,6 @@ def _stack(parts: list):
                                sq_error=cat("sq_error"), clip_fraction=mean("clip_fraction"),
                                sparsity=mean("sparsity"), c_alpha_row=rows_c, C=mean("C"),
                                c_alpha=parts[0].c_alpha if rows_c is None else float(rows_c.mean()))
-
-
-def _emit(source: Model, done: list, floats: dict[str, np.ndarray], config: CompressConfig) -> onnx.ModelProto:
-    """The output graph in the configured format; MatMulNBits falls back to QDQ for layers it cannot hold."""
-    bits = config.quant.bits
-    model = source.proto
-    if config.format == "sparse":
-        return emit_sparse(model, [(layer, layer.matrix(floats[layer.weight])) for layer, _, _ in done])
-    if bits is None:  # prune only: float weights, in each weight's own type
-        return _float_weights(model, {layer.weight: floats[layer.weight].astype(layer.weight_dtype)
-                                      for layer, _, _ in done})
-    items = [(layer, info, bits) for layer, info, _ in done]
-    if config.format == "nbits":
-        model, rest = emit_nbits(model, items, source=source)
-        items = [item for item in items if item[0].name in set(rest)]
-        return emit(model, items, fmt="qdq") if items else model
-    return emit(model, items, fmt=config.format)
-
-
-def _float_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` with each compressed initializer replaced by its float values."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
-    return out
 
 
 def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
@@ -225,10 +196,11 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         capture.close()
     del weights
 
-    compressed = _emit(model, done, floats, config)
-    nbytes = weight_bytes(compressed, [layer for layer, _, _ in done])
-    for r, (layer, info, nm), size in zip(layer_reports, done, nbytes):
-        r.bits_per_weight = 8 * size / int(np.prod(layer.shape))
+    emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None, config.quant.bits,
+                                               floats.get(layer.weight)) for layer, info, _ in done])
+    compressed = emitted.model
+    for r, (layer, info, nm) in zip(layer_reports, done):
+        r.bits_per_weight = 8 * emitted.nbytes[layer.name] / int(np.prod(layer.shape))
         if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
             values = floats[layer.weight] if info.codes is None else layer.tensor(info.codes)
             ok, why = check_nm(values, layer.op, layer.trans_b, *nm)
@@ -236,7 +208,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
                 raise OnnxspfqError(f"internal check failed: layer {layer.name} does not hold the {nm[0]}:{nm[1]} "
                                     f"pattern ({why}); please report this")
             r.nm = f"{nm[0]}:{nm[1]}"
-    del floats, done
+    del floats, done, emitted
     report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
                     skipped=skipped, size_before=model_file_bytes(str(model_path)))
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from

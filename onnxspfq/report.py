@@ -155,24 +155,3 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def weight_bytes(model: onnx.ModelProto, layers: list) -> list[int]:
-    """Bytes the emitted model spends on each layer's weight: its (sparse) initializer, the integer and scale
-    tensors feeding its DequantizeLinear, or the packed inputs of its MatMulNBits node (0 if none is found)."""
-    g = model.graph
-    sizes = {t.name: t.ByteSize() for t in g.initializer}
-    sizes.update({s.values.name: s.ByteSize() for s in g.sparse_initializer})
-    dq = {out: node for node in g.node if node.op_type == "DequantizeLinear" for out in node.output}
-    nbits = {node.name: node for node in g.node if node.op_type == "MatMulNBits"}
-    out = []
-    for layer in layers:
-        if layer.weight in sizes:
-            out.append(sizes[layer.weight])
-        elif layer.weight in dq:
-            out.append(sum(sizes.get(i, 0) for i in dq[layer.weight].input))
-        elif layer.name in nbits:  # B, scales, zero points (not the bias)
-            out.append(sum(sizes.get(i, 0) for i in nbits[layer.name].input[1:4]))
-        else:
-            out.append(0)
-    return out
