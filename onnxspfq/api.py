@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model, weightless
 from onnxspfq.layers import Layer
-from onnxspfq.io import model_file_bytes, save_model, session
+from onnxspfq.io import Model, model_file_bytes, save_model, session
 from onnxspfq.methods import METHODS
 from onnxspfq.report import LayerReport, Report, file_sha256, poor_result
 
@@ -119,13 +120,23 @@ class _DataFree:
         pass
 
 
+@dataclass
+class _Run:
+    """What the checks before any work establish: the folded model, its layers, the calibration batches."""
+
+    model: Model
+    layers: list[Layer]
+    skipped: list[dict]
+    batches: list[dict[str, np.ndarray]]
+
+
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
              report_path: str | None = None, progress: bool = True,
              image_preprocess: ImagePreprocess | None = None, compare_output: str | None = None,
              batch_axes: dict[str, int] | None = None) -> CompressionResult:
-    """Compress every MatMul / Gemm / Conv with a constant weight of `model_path`, layer by layer in topological
-    order, from calibration data `calib` (a path or an onnxruntime CalibrationDataReader; None only for rtn,
-    which then rounds without data and the output agreement is not measured).
+    """Compress every MatMul / Gemm / Conv / ConvTranspose with a constant weight of `model_path`, layer by layer
+    in topological order, from calibration data `calib` (a path or an onnxruntime CalibrationDataReader; None only
+    for rtn, which then rounds without data and the output agreement is not measured).
 
     Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given, both or
     neither. `image_preprocess` says how images become input tensors (see calib.ImagePreprocess);
@@ -136,10 +147,46 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     """
     config = config or CompressConfig()
     t_start = time.perf_counter()
+    run = _open(str(model_path), calib, output, report_path, config, compare_output, image_preprocess, batch_axes)
+    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None)
+    compressed = _emit_checked(run.model, done, floats, layer_reports, config)
+    del floats, done
+    report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
+                    skipped=run.skipped, size_before=model_file_bytes(str(model_path)))
+    # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
+    # the file, then moved in place together with the report: both or neither
+    scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
+    target = output if output is not None else os.path.join(scratch, "compressed.onnx")
+    try:
+        with output_files.Staging([t for t in (report_path, target) if t is not None]) as staging:
+            try:
+                report.size_after = save_model(compressed, staging.path(target), source=run.model)
+            except OSError as err:
+                raise output_files.write_error(err, target) from None
+            del compressed
+            _check_and_measure(report, run, str(model_path), staging.path(target), config, compare_output)
+            report.time_s = time.perf_counter() - t_start
+            if report_path is not None:
+                try:
+                    report.to_json(staging.path(report_path))
+                except OSError as err:
+                    raise output_files.write_error(err, report_path) from None
+            staging.commit()
+        result_model = onnx.load(target) if output is None else None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return CompressionResult(report=report, output=output, model=result_model)
+
+
+def _open(model_path: str, calib, output: str | None, report_path: str | None, config: CompressConfig,
+          compare_output: str | None, image_preprocess, batch_axes) -> _Run:
+    """Every check that can be made before any work (inputs, outputs, names, runnable graph), then the layers and
+    the calibration batches."""
     if calib is None and config.method != "rtn":
         raise OnnxspfqError(f"--method {config.method} learns from data: pass --calib (a .npz keyed by the model's "
                             "input names, a .npy, or a folder of arrays or images), or use --method rtn, which needs none")
-    original = load_model(str(model_path))
+    original = load_model(model_path)
     check_runnable(original.proto)
     output_files.check({"-o": output, "--report": report_path}, original.files() + source_files(calib))
     names = [o.name for o in original.proto.graph.output]
@@ -156,14 +203,20 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     batches = [] if calib is None else load_calibration(
         calib, model.proto, samples=config.samples, batch_size=config.batch_size, image_preprocess=image_preprocess,
         batch_axes=batch_axes)
+    return _Run(model, layers, skipped, batches)
 
+
+def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool):
+    """The pass: each layer's Grams from the capture, the method on them, the compressed weight fed forward.
+    Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = _DataFree() if calib is None else Capture(model, layers, batches, max_patches=config.max_patches,
-                                                        seed=config.seed, progress=progress)
+    capture = _DataFree() if data_free else Capture(run.model, run.layers, run.batches,
+                                                    max_patches=config.max_patches, seed=config.seed,
+                                                    progress=progress)
     weights: dict = {}
     floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []
-    bar = tqdm(layers, desc="compressing layers", unit="layer", disable=not progress)
+    bar = tqdm(run.layers, desc="compressing layers", unit="layer", disable=not progress)
     try:
         for index, layer in enumerate(bar):
             bar.set_postfix_str(layer.name[-30:])
@@ -179,7 +232,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             except OnnxspfqError as err:
                 raise OnnxspfqError(f"layer {layer.name}: {err}") from None
             if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
-                skipped.append({"name": layer.name, "op": layer.op, "reason": note})
+                run.skipped.append({"name": layer.name, "op": layer.op, "reason": note})
                 continue
             weights[layer.weight] = layer.tensor(Q).astype(np.float32, copy=False)
             if keep_floats:
@@ -194,59 +247,41 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             del W, Q, grams
     finally:
         capture.close()
-    del weights
+    return done, layer_reports, floats
 
+
+def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[LayerReport],
+                  config: CompressConfig) -> onnx.ModelProto:
+    """The output graph (emit.py), each layer's bits per weight in it, and the N:M pattern verified on the emitted
+    weights along the axis TensorRT uses."""
     emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None, config.quant.bits,
                                                floats.get(layer.weight)) for layer, info, _ in done])
-    compressed = emitted.model
     for r, (layer, info, nm) in zip(layer_reports, done):
         r.bits_per_weight = 8 * emitted.nbytes[layer.name] / int(np.prod(layer.shape))
-        if nm is not None:  # verify the pattern on the emitted weights, along the axis TensorRT uses
+        if nm is not None:
             values = floats[layer.weight] if info.codes is None else layer.tensor(info.codes)
             ok, why = check_nm(values, layer.op, layer.trans_b, *nm)
             if not ok:
                 raise OnnxspfqError(f"internal check failed: layer {layer.name} does not hold the {nm[0]}:{nm[1]} "
                                     f"pattern ({why}); please report this")
             r.nm = f"{nm[0]}:{nm[1]}"
-    del floats, done, emitted
-    report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
-                    skipped=skipped, size_before=model_file_bytes(str(model_path)))
-    # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
-    # the file, then moved in place together with the report: both or neither
-    scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
-    target = output if output is not None else os.path.join(scratch, "compressed.onnx")
-    result_model = None
+    return emitted.model
+
+
+def _check_and_measure(report: Report, run: _Run, model_path: str, written: str, config: CompressConfig,
+                       compare_output: str | None) -> None:
+    """The written model through onnx.checker (by path), its output agreement with the float model (a warning when
+    poor, or when there is no data to measure on) and the sha256 of input and output, into the report."""
     try:
-        with output_files.Staging([t for t in (report_path, target) if t is not None]) as staging:
-            tmp_path = staging.path(target)
-            try:
-                report.size_after = save_model(compressed, tmp_path, source=model)
-            except OSError as err:
-                raise output_files.write_error(err, target) from None
-            del compressed
-            try:
-                onnx.checker.check_model(tmp_path, full_check=config.format != "sparse")
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                raise OnnxspfqError(f"internal check failed: the emitted model fails the ONNX checker ({e}); "
-                                    "please report this") from None
-            if batches:
-                report.agreement = evaluate(str(model_path), tmp_path, batches, output=compare_output)
-                if (warning := poor_result(report)) is not None:
-                    report.warnings.append(warning)
-            else:
-                report.warnings.append("no calibration data: the output agreement with the float model was not "
-                                       "measured; pass --calib to measure it")
-            report.input_sha256, report.output_sha256 = file_sha256(str(model_path)), file_sha256(tmp_path)
-            report.time_s = time.perf_counter() - t_start
-            if report_path is not None:
-                try:
-                    report.to_json(staging.path(report_path))
-                except OSError as err:
-                    raise output_files.write_error(err, report_path) from None
-            staging.commit()
-        if output is None:
-            result_model = onnx.load(target)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return CompressionResult(report=report, output=output, model=result_model)
+        onnx.checker.check_model(written, full_check=config.format != "sparse")
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise OnnxspfqError(f"internal check failed: the emitted model fails the ONNX checker ({e}); "
+                            "please report this") from None
+    if run.batches:
+        report.agreement = evaluate(model_path, written, run.batches, output=compare_output)
+        if (warning := poor_result(report)) is not None:
+            report.warnings.append(warning)
+    else:
+        report.warnings.append("no calibration data: the output agreement with the float model was not "
+                               "measured; pass --calib to measure it")
+    report.input_sha256, report.output_sha256 = file_sha256(model_path), file_sha256(written)
