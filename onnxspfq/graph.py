@@ -13,7 +13,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.io import DERIVED, LAZY_MIN_ELEMENTS, Model, as_model, open_model
+from onnxspfq.io import DERIVED, Model, as_model, open_model
+from onnxspfq.wire import LAZY_MIN_ELEMENTS
 from onnxspfq.layers import WEIGHT_OPS, Layer, ineligible, make_layer
 
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
