@@ -16,9 +16,6 @@ by close() (or when the Capture is garbage collected).
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 
@@ -26,10 +23,10 @@ import numpy as np
 import onnx
 import onnx.utils
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from onnxspfq.graph import weightless
 from onnxspfq.layers import Layer
+from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams
 
@@ -37,55 +34,6 @@ from onnxspfq.gram import Grams
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
 MEMORY_LIMIT_MB = 16
 FLUSH_VALUES = 1 << 20  # rows are folded into the Grams once this many input values are pending (8 MB float64)
-
-
-def run_model(model: onnx.ModelProto | str | os.PathLike, batches: list[dict[str, np.ndarray]],
-              weights: dict[str, np.ndarray] | None = None, output_names: list[str] | None = None,
-              providers: list[str] | None = None) -> list[list[np.ndarray]]:
-    """Whole-model outputs per batch, with the initializers named in `weights` replaced (cast to their dtype).
-
-    An in-memory model is copied with the new initializers. A model given by path (e.g. > 2 GB) gets them
-    through SessionOptions.add_initializer at optimisation level EXTENDED: measured with onnxruntime 1.32, level
-    ALL (NCHWc layout transform) silently ignores such overrides on Conv weights.
-    """
-    so = session_options()
-    weights = weights or {}
-    in_memory = isinstance(model, onnx.ModelProto)
-    header = model if in_memory else onnx.load(str(model), load_external_data=False)
-    inits = {t.name: t for t in header.graph.initializer}
-    arrays = {}
-    for name, arr in weights.items():
-        if name not in inits:
-            raise ValueError(f"weight {name!r} is not an initializer of the model")
-        t = inits[name]
-        a = np.ascontiguousarray(arr, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-        if a.shape != tuple(t.dims):
-            raise ValueError(f"weight {name!r}: shape {a.shape} differs from the model's {tuple(t.dims)}")
-        arrays[name] = a
-    keep = []
-    if in_memory:
-        src = (_replaced(model, arrays) if arrays else model).SerializeToString()
-    else:
-        src = str(model)
-        if arrays:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        for name, a in arrays.items():
-            ov = ort.OrtValue.ortvalue_from_numpy(a)
-            keep.append((a, ov))
-            so.add_initializer(name, ov)
-    sess = session(src, so, providers)
-    names = output_names or [o.name for o in sess.get_outputs()]
-    return [sess.run(names, feed) for feed in batches]
-
-
-def _replaced(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `arrays` hold those arrays."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, t in enumerate(m.graph.initializer):
-        if t.name in arrays:
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
-    return m
 
 
 @dataclass(frozen=True)
@@ -102,55 +50,6 @@ class Digest:
         return Digest(tuple(a.shape), a.dtype.str, hashlib.blake2b(a.data, digest_size=16).digest())
 
 
-# ------------------------------------------------------------------------------------------------------- storage
-class _Budget:
-    """RAM accounting shared by both frontiers; spills to a lazily created temporary folder."""
-
-    def __init__(self, limit_bytes: int, spill_dir: str | None) -> None:
-        self.limit = limit_bytes
-        self.used = 0
-        self.parent = spill_dir
-        self.dir: str | None = None
-        self.count = 0
-
-    def new_path(self) -> str:
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="onnxspfq-capture-", dir=self.parent)
-        self.count += 1
-        return os.path.join(self.dir, f"t{self.count}.npy")
-
-
-class _Held:
-    """One frontier array, in RAM or spilled to disk; shared between frontiers by reference, freed with it."""
-
-    def __init__(self, arr: np.ndarray, budget: _Budget | None) -> None:
-        self.path: str | None = None
-        self.ram = 0
-        self.budget = budget
-        self.arr: np.ndarray | None = arr
-        if budget is None:  # a calibration batch array: owned by the caller, not counted
-            return
-        if budget.used + arr.nbytes > budget.limit:
-            self.path = budget.new_path()
-            np.save(self.path, arr)
-            self.arr = None
-        else:
-            self.ram = arr.nbytes
-            budget.used += arr.nbytes
-
-    def get(self) -> np.ndarray:
-        return self.arr if self.arr is not None else np.load(self.path, mmap_mode="r")
-
-    def __del__(self) -> None:
-        if self.budget is not None:
-            self.budget.used -= self.ram
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
-
 @dataclass
 class _Segment:
     nodes: list[int]
@@ -162,7 +61,7 @@ class _Segment:
 @dataclass
 class _Frontier:
     pos: int = 0                                                # segments run so far
-    store: dict[tuple[int, str], _Held] = field(default_factory=dict)
+    store: dict[tuple[int, str], Held] = field(default_factory=dict)
     tainted: set[str] = field(default_factory=set)              # tensors a replaced weight may have changed
     used: dict[str, np.ndarray | None] = field(default_factory=dict)  # weight fed per name (None = original)
 
@@ -199,8 +98,8 @@ class Capture:
         self._graph_inputs = [i.name for i in wl.graph.input if i.name not in self._inits]
         self._plan, self._last_use, self._weight_last_use = _plan(wl, [layer.input for layer in self.layers],
                                                                   self._fed, self._graph_inputs)
-        self._budget = _Budget(int(memory_limit_mb) * 2 ** 20, spill_dir)
-        self._finalizer = weakref.finalize(self, _cleanup, self._budget)
+        self._budget = Budget(int(memory_limit_mb) * 2 ** 20, spill_dir)
+        self._finalizer = weakref.finalize(self, cleanup, self._budget)
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._orig: dict[str, np.ndarray] = {}
         self._digests: dict[int, tuple[weakref.ref, Digest]] = {}
@@ -255,7 +154,7 @@ class Capture:
         for b, feed in enumerate(self.batches):
             for name in self._graph_inputs:
                 if name in feed:
-                    f.store[(b, name)] = _Held(np.asarray(feed[name]), None)
+                    f.store[(b, name)] = Held(np.asarray(feed[name]), None)
         return f
 
     def release(self, weights: dict[str, np.ndarray | Digest]) -> dict[str, np.ndarray | Digest]:
@@ -312,7 +211,7 @@ class Capture:
             feeds = {t: fr.store[(b, t)].get() for t in seg.inputs}
             feeds.update(feeds_w)
             for t, arr in zip(seg.outputs, sess.run(seg.outputs, feeds)):
-                fr.store[(b, t)] = _Held(arr, self._budget)
+                fr.store[(b, t)] = Held(arr, self._budget)
         if dirty:
             fr.tainted.update(seg.outputs)
 
@@ -386,12 +285,6 @@ class Capture:
             return np.sort(np.random.default_rng([self.seed, k, b]).choice(total, self.max_patches, replace=False))
 
         return layer.rows(x, pick)
-
-
-def _cleanup(budget: _Budget) -> None:
-    if budget.dir is not None:
-        shutil.rmtree(budget.dir, ignore_errors=True)
-        budget.dir = None
 
 
 # ------------------------------------------------------------------------------------------------------- planning

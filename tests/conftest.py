@@ -52,3 +52,19 @@ def pytest_runtest_makereport(item, call):
         if any(m in reason for m in MISSING_MARKERS):
             report.outcome = "failed"
             report.longrepr = f"required under CI (ONNXSPFQ_REQUIRE_MODELS): {reason}"
+
+
+# The tests compile into their own Numba cache (jit.py reads ONNXSPFQ_CACHE at import; conftest runs first), so a
+# test's own jitted operators never enter the user's cache; subprocesses the tests start inherit it.
+_OWN_CACHE = None
+if "ONNXSPFQ_CACHE" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = os.environ["ONNXSPFQ_CACHE"] = tempfile.mkdtemp(prefix="onnxspfq-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

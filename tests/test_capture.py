@@ -12,7 +12,9 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxspfq.capture import Capture, run_model
+from onnxspfq.capture import Capture
+
+from reference_run import run_model
 from onnxspfq.graph import find_layers, fold_weight_chains
 from onnxspfq.gram import Grams, im2col
 
