@@ -31,7 +31,7 @@ class Grams:
         Xt = np.asarray(Xt, dtype=np.float64)
         if X.shape != Xt.shape or X.ndim != 2 or X.shape[1] != self.n0:
             raise ValueError(f"expected two (m, {self.n0}) arrays, got {X.shape} and {Xt.shape}")
-        with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: search.prepare names the problem
+        with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: prepared.prepare names the problem
             self.H += Xt.T @ Xt
             self.G += Xt.T @ X
             self.F += X.T @ X

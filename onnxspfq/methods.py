@@ -27,7 +27,8 @@ from onnxspfq.config import QuantConfig, levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
 from onnxspfq.operators import identity, nm_groups_for, select_operator
-from onnxspfq.search import LayerResult, Prepared, c_candidates, prepare, run
+from onnxspfq.prepared import LayerResult, Prepared, prepare
+from onnxspfq.search import c_candidates, run
 
 def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.ndarray | None:
     """Validated N:M groups (n_groups, M) or None; consecutive groups when config.nm is set and none are given."""

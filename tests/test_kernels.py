@@ -18,7 +18,7 @@ from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.gram import Grams
 from onnxspfq.methods import gpfq, spfq
-from onnxspfq.search import layer_error
+from onnxspfq.prepared import layer_error
 
 OPS = {"stochastic": op.stochastic_round, "nearest": op.nearest_round, "binary": op.stochastic_binary}
 

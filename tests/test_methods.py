@@ -15,7 +15,8 @@ from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
 from onnxspfq.methods import METHODS, spfq
-from onnxspfq.search import CANDIDATES, LayerResult, _candidates, layer_error
+from onnxspfq.prepared import LayerResult, layer_error
+from onnxspfq.search import CANDIDATES, _candidates
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason=f"real data missing: {FMNIST} "
