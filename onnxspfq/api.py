@@ -13,7 +13,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxspfq import output_files
-from onnxspfq.calib import ImagePreprocess, load_calibration, source_files
+from onnxspfq.calib import load_calibration, source_files
+from onnxspfq.images import ImagePreprocess
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
@@ -139,7 +140,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     for rtn, which then rounds without data and the output agreement is not measured).
 
     Writes the compressed model to `output` (atomically) and the JSON report to `report_path` when given, both or
-    neither. `image_preprocess` says how images become input tensors (see calib.ImagePreprocess);
+    neither. `image_preprocess` says how images become input tensors (see images.ImagePreprocess);
     `compare_output` names the model output the agreement check compares (default: the first); `batch_axes`
     gives inputs' sample axes where the model's symbolic dims do not (see calib.model_inputs).
     Memory: the model's weights are read one layer at a time and each compressed float weight is dropped once

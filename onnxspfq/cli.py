@@ -127,7 +127,7 @@ def _batch_axis_option(p: argparse.ArgumentParser) -> None:
 
 
 def _image(a: argparse.Namespace):
-    from onnxspfq.calib import ImagePreprocess
+    from onnxspfq.images import ImagePreprocess
 
     return ImagePreprocess(size=tuple(a.image_size) if a.image_size else None, mean=tuple(a.image_mean),
                            std=tuple(a.image_std), layout=a.image_layout)

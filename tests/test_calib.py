@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
 
-from onnxspfq.calib import ImagePreprocess, load_calibration, model_inputs
+from onnxspfq.calib import load_calibration, model_inputs
+from onnxspfq.images import ImagePreprocess
 from onnxspfq.errors import OnnxspfqError
 
 
