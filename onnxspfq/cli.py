@@ -32,9 +32,14 @@ def _parser() -> argparse.ArgumentParser:
                                 "stochastic path-following quantization (SPFQ).")
     p.add_argument("--version", action="version", version=f"onnxspfq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _compress_options(sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
+                                     formatter_class=_Help))
+    _evaluate_options(sub.add_parser("evaluate", help="compare a compressed model with its float original on data"))
+    sub.add_parser("inspect", help="list the inputs, outputs and layers compress would touch").add_argument("model")
+    return p
 
-    c = sub.add_parser("compress", help="quantize the MatMul / Gemm / Conv weights of a model",
-                       formatter_class=_Help)
+
+def _compress_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("model", help="input .onnx model (never modified)")
     c.add_argument("--calib", default=None, help="calibration data: .npz (keys = input names, or 'images' of uint8 "
                    "pixels), .npy (single-input model), or a folder of .npy/.npz files or images; needed by every "
@@ -89,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     _image_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
 
-    e = sub.add_parser("evaluate", help="compare a compressed model with its float original on data")
+
+def _evaluate_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("float_model")
     e.add_argument("compressed_model")
     e.add_argument("--data", required=True, help="inputs as for --calib; an .npz may also hold a 'labels' array")
@@ -104,10 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the figures here as JSON")
     _batch_axis_option(e)
     _image_options(e)
-
-    i = sub.add_parser("inspect", help="list the layers compress would touch")
-    i.add_argument("model")
-    return p
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:
