@@ -174,6 +174,54 @@ def _unique(graph: onnx.GraphProto, base: str) -> str:
     return name
 
 
+def _replace(g: onnx.GraphProto, layer: Any, result: Any, bits: int, plan: _Plan, block_size: int | None,
+             accuracy_level: int, source: Model, removed_weights: set[str]) -> None:
+    """Replace one planned MatMul / Gemm node by MatMulNBits on the packed codes of `result`."""
+    init, node, K, N = plan.init, plan.node, plan.K, plan.N
+    codes = np.asarray(result.codes)
+    scale = np.asarray(result.scale)
+    rb = int(result.block_size)
+    if codes.shape != (N, K):
+        raise OnnxspfqError(
+            f"layer {layer.name!r}: codes shape {codes.shape} does not match weight K={K}, N={N} as (N, K): "
+            "pass the result computed for this layer"
+        )
+    if scale.shape != (N, -(-K // rb)):
+        raise OnnxspfqError(
+            f"layer {layer.name!r}: scale shape {scale.shape} does not match (N={N}, ceil(K/{rb}))"
+        )
+    _check_codes(codes, bits, layer.name)
+    B = block_size if block_size is not None else choose_block_size(K, rb, bits)
+    if not (rb >= K or rb % B == 0):
+        raise OnnxspfqError(
+            f"layer {layer.name!r}: block_size {B} does not divide the result block size {rb}: "
+            "leave block_size unset or pick a divisor"
+        )
+    packed = pack_nbits(codes, scale, rb, bits, B)
+    np_t = helper.tensor_dtype_to_np_dtype(init.data_type)
+    a_name = node.input[0]
+    b_name = _unique(g, f"{layer.weight}_nbits_q")
+    s_name = _unique(g, f"{layer.weight}_nbits_scale")
+    g.initializer.append(numpy_helper.from_array(packed.blob, b_name))
+    g.initializer.append(numpy_helper.from_array(packed.scales.astype(np_t), s_name))
+    inputs = [a_name, b_name, s_name]
+    if plan.bias is not None:
+        bias_name = plan.bias.name
+        if len(plan.bias.dims) == 2:  # [1, N] -> [N]
+            bias_name = _unique(g, f"{plan.bias.name}_nbits_bias")
+            g.initializer.append(numpy_helper.from_array(source.array(plan.bias).reshape(N), bias_name))
+            removed_weights.add(plan.bias.name)
+        inputs += ["", "", bias_name]
+    new = helper.make_node(
+        "MatMulNBits", inputs, list(node.output), name=node.name or layer.name,
+        domain=MS_DOMAIN, K=K, N=N, bits=packed.bits, block_size=B, accuracy_level=accuracy_level,
+    )
+    idx = list(g.node).index(node)
+    g.node.remove(node)
+    g.node.insert(idx, new)
+    removed_weights.add(layer.weight)
+
+
 def emit_nbits(
     model: onnx.ModelProto,
     items: Sequence[tuple[Any, Any, int]],
@@ -210,49 +258,7 @@ def emit_nbits(
         if isinstance(plan, str):
             skipped.append(layer.name)
             continue
-        init, node, K, N = plan.init, plan.node, plan.K, plan.N
-        codes = np.asarray(result.codes)
-        scale = np.asarray(result.scale)
-        rb = int(result.block_size)
-        if codes.shape != (N, K):
-            raise OnnxspfqError(
-                f"layer {layer.name!r}: codes shape {codes.shape} does not match weight K={K}, N={N} as (N, K): "
-                "pass the result computed for this layer"
-            )
-        if scale.shape != (N, -(-K // rb)):
-            raise OnnxspfqError(
-                f"layer {layer.name!r}: scale shape {scale.shape} does not match (N={N}, ceil(K/{rb}))"
-            )
-        _check_codes(codes, bits, layer.name)
-        B = block_size if block_size is not None else choose_block_size(K, rb, bits)
-        if not (rb >= K or rb % B == 0):
-            raise OnnxspfqError(
-                f"layer {layer.name!r}: block_size {B} does not divide the result block size {rb}: "
-                "leave block_size unset or pick a divisor"
-            )
-        packed = pack_nbits(codes, scale, rb, bits, B)
-        np_t = helper.tensor_dtype_to_np_dtype(init.data_type)
-        a_name = node.input[0]
-        b_name = _unique(g, f"{layer.weight}_nbits_q")
-        s_name = _unique(g, f"{layer.weight}_nbits_scale")
-        g.initializer.append(numpy_helper.from_array(packed.blob, b_name))
-        g.initializer.append(numpy_helper.from_array(packed.scales.astype(np_t), s_name))
-        inputs = [a_name, b_name, s_name]
-        if plan.bias is not None:
-            bias_name = plan.bias.name
-            if len(plan.bias.dims) == 2:  # [1, N] -> [N]
-                bias_name = _unique(g, f"{plan.bias.name}_nbits_bias")
-                g.initializer.append(numpy_helper.from_array(source.array(plan.bias).reshape(N), bias_name))
-                removed_weights.add(plan.bias.name)
-            inputs += ["", "", bias_name]
-        new = helper.make_node(
-            "MatMulNBits", inputs, list(node.output), name=node.name or layer.name,
-            domain=MS_DOMAIN, K=K, N=N, bits=packed.bits, block_size=B, accuracy_level=accuracy_level,
-        )
-        idx = list(g.node).index(node)
-        g.node.remove(node)
-        g.node.insert(idx, new)
-        removed_weights.add(layer.weight)
+        _replace(g, layer, result, bits, plan, block_size, accuracy_level, source, removed_weights)
     still_used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     for name in removed_weights - still_used:
         t = _find_init(g, name)
