@@ -88,6 +88,8 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "rest); sparse: float weights as sparse initializers where smaller [default when pruning only]; "
                    "float: de-quantized float weights (for inspection)")
     c.add_argument("--report", default=None, help="write the JSON report here")
+    c.add_argument("--eval-data", default=None, help="held-out inputs (read like --calib) for the final agreement "
+                   "check (default: the calibration data, which the methods fit, so it overstates agreement)")
     c.add_argument("--output", default=None, metavar="NAME", help="the model output the final agreement check "
                    "compares (default: the first); the file to write is -o")
     _batch_axis_option(c)
@@ -181,7 +183,8 @@ def _compress(a: argparse.Namespace) -> None:
                             max_patches=a.max_patches, skip=skip, format=fmt, auto_C=a.auto_C)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
-                      image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis))
+                      image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),
+                      eval_data=a.eval_data)
     if not a.quiet:
         print(result.report.table())
     for w in result.report.warnings:

@@ -46,6 +46,7 @@ class Report:
     size_before: int = 0
     size_after: int = 0
     agreement: Agreement | None = None
+    agreement_data: str | None = None  # what the agreement was measured on: "calibration" or "held out (--eval-data)"
     time_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     input_sha256: str | None = None
@@ -86,7 +87,8 @@ class Report:
         rows.append(f"size: {self.size_before / 1e6:.3f} MB -> {self.size_after / 1e6:.3f} MB ({ratio:.2f}x smaller)")
         if self.agreement is not None:
             a = self.agreement
-            line = f"output vs float model on {a.samples} calibration samples: cosine {a.cosine:.5f}, rel.err {a.rel_error:.4f}"
+            on = "held-out" if (self.agreement_data or "").startswith("held") else "calibration"
+            line = f"output vs float model on {a.samples} {on} samples: cosine {a.cosine:.5f}, rel.err {a.rel_error:.4f}"
             if a.top1_agreement is not None:
                 line += f", top-1 agreement {100 * a.top1_agreement:.2f}%"
             rows.append(line)

@@ -162,6 +162,8 @@ CASES = [
     ("calib-wrong-dtype", C, lambda d: np.savez(d / "c.npz", input=_x().astype(np.complex64)), ["dtype"]),
     ("calib-nan", C, lambda d: np.savez(d / "c.npz", input=np.where(_x() > 2, np.nan, _x())), ["nan"]),
     ("calib-images-wrong-type", C, lambda d: np.savez(d / "c.npz", images=_x()), ["images", "uint8"]),
+    ("eval-data-missing", C + ["--eval-data", "{d}/nope.npz"], None, ["nope.npz"]),
+    ("report-is-eval-data", C + ["--eval-data", "{c}", "--report", "{c}"], None, ["--report", "c.npz"]),
     ("evaluate-data-missing", ["evaluate", "{m}", "{m}", "--data", "{d}/nope.npz"], None, ["nope.npz"]),
     ("method-needs-calib", ["compress", "{m}", "--method", "gptq", "-o", "{out}/q.onnx"], None, ["--calib"]),
     ("default-needs-calib", ["compress", "{m}", "-o", "{out}/q.onnx"], None, ["--calib", "rtn"]),

@@ -170,3 +170,17 @@ def test_agreement_on_outputs_that_vary_in_shape(tmp_path, capsys):
     # evaluate without --output on the same unpadded data
     outs = evaluate(str(path), str(tmp_path / "q.onnx"), calib)
     assert outs.samples == 12
+
+
+def test_eval_data_measures_the_final_check_on_held_out_inputs(tmp_path, fmnist_mlp, fmnist_calib_small):
+    """--eval-data: the final agreement runs on those inputs (here 300 test images), and the report says so."""
+    with np.load(fmnist_mlp.parent / "data" / "fmnist_test.npz") as z:
+        x = ((z["images"][:300].astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None]
+    np.savez(tmp_path / "held.npz", input=x)
+    rep = tmp_path / "r.json"
+    assert main(["compress", str(fmnist_mlp), "--calib", str(fmnist_calib_small), "-o", str(tmp_path / "q.onnx"),
+                 "--eval-data", str(tmp_path / "held.npz"), "--report", str(rep), "-q"]) == 0
+    r = json.loads(rep.read_text())
+    assert r["agreement_data"].startswith("held out") and r["agreement"]["samples"] == 300
+    direct = evaluate(str(fmnist_mlp), str(tmp_path / "q.onnx"), [{"input": x}])
+    assert r["agreement"]["cosine"] == pytest.approx(direct.cosine, rel=1e-6)
