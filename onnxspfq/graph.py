@@ -154,10 +154,16 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
             folded[t] = new
             roots |= _chain_sources(t, producers)
         node.input[1] = folded[t]
-    if not folded:
-        return m if as_proto else out
+    if folded:
+        _drop_dead_chains(g, drop_nodes, roots, inits, graph_outputs)
+    return m if as_proto else out
+
+
+def _drop_dead_chains(g: onnx.GraphProto, drop_nodes: set[str], roots: set[str], inits: dict,
+                      graph_outputs: set[str]) -> None:
+    """Remove the folded chains' nodes, then every Identity / Transpose / Cast / Constant node nobody reads any
+    more (repeatedly), then the chains' source initializers left unused."""
     kept = [n for n in g.node if n.name not in drop_nodes]
-    # dead chain nodes: repeatedly drop Identity / Transpose / Cast / Constant nodes whose outputs nobody reads
     while True:
         used = _used_names_nodes(kept) | graph_outputs
         dead = [n for n in kept if n.op_type in CHAIN_OPS + ("Constant",) and not any(o in used for o in n.output)]
@@ -176,7 +182,6 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
         keep_inputs = [i for i in g.input if i.name not in unused]
         del g.input[:]
         g.input.extend(keep_inputs)
-    return m if as_proto else out
 
 
 def _derived_tensor(name: str, dims: tuple[int, ...], dtype: int) -> onnx.TensorProto:
