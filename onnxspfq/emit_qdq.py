@@ -177,14 +177,6 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _emit_float(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
-    for name, (layer, result, _bits) in groups.items():
-        idx = _find_initializer(model.graph, name)
-        w = np.ascontiguousarray(layer.tensor(dequantize(result)), dtype=np.float32).astype(layer.weight_dtype)
-        model.graph.initializer[idx].CopyFrom(numpy_helper.from_array(w, name))
-    return model
-
-
 def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
     needed = 0
     for layer, result, bits in groups.values():
@@ -263,6 +255,8 @@ def emit(model: onnx.ModelProto, items: list[tuple[Any, Any, int]], fmt: str = "
         _check_consumer(model.graph, layer)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    if fmt == "float":
-        return _emit_float(out, groups)
+    if fmt == "float":  # the one float writer is emit.float_ (it also writes prune-only weights)
+        from onnxspfq.emit import Item, float_
+
+        return float_(out, [Item(layer, result, bits) for layer, result, bits in groups.values()], None).model
     return _emit_qdq(out, groups)
