@@ -39,18 +39,17 @@ def test_cache_is_reused_and_follows_every_jitted_module(tmp_path):
     assert Path(folder1).parent == cache / "numba" and any(Path(folder1).rglob("*.nbi"))  # compiled and cached
     assert _run(root, cache) == (folder1, q1, r1)  # the second process reads the same cache folder
     # edit only operators.py: nearest_round now returns 0 (the kernels are passed it as T)
-    ops = root / "onnxspfq" / "operators.py"
-    text = ops.read_text()
-    old = "    return _clip(np.rint(v / d), p[1]) * d\n"
-    assert old in text
-    ops.write_text(text.replace(old, "    return 0.0 * _clip(np.rint(v / d), p[1]) * d\n", 1))
+    _edit(root / "onnxspfq" / "operators.py", "    return _clip(np.rint(v / d), p[1]) * d\n",
+          "    return 0.0 * _clip(np.rint(v / d), p[1]) * d\n")
     folder2, q2, r2 = _run(root, cache)
     assert folder2 != folder1 and q1 > 0 and q2 == 0.0 and r2 == r1
     # edit only kernels.py's _dot, which reference.py's direct forms call
-    kern = root / "onnxspfq" / "kernels.py"
-    text = kern.read_text()
-    old = "        acc += a[i] * b[i]\n"
-    assert old in text
-    kern.write_text(text.replace(old, "        acc += 0.0 * a[i] * b[i]\n", 1))
+    _edit(root / "onnxspfq" / "kernels.py", "        acc += a[i] * b[i]\n", "        acc += 0.0 * a[i] * b[i]\n")
     folder3, _, r3 = _run(root, cache)
     assert folder3 not in (folder1, folder2) and r1 > 0 and r3 == 0.0
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
