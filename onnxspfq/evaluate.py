@@ -54,9 +54,8 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
 def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]], outputs: list[str] | None = None,
          max_values: float = float("inf")) -> tuple[list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
     """The outputs of each onnxruntime call, stopping once they reach `max_values` values, and the feeds of each
-    call. A batch is split
-    along its batch axis (where every input has it and the model leaves it dynamic) into calls of about
-    EVAL_RUN_VALUES output values, so that the cap holds inside a batch too."""
+    call. A batch is split along axis 0 (where every input's axis 0 is the same symbolic dim, i.e. the batch) into
+    calls of about EVAL_RUN_VALUES output values, so that the cap holds inside a batch too."""
     sess = session(model)
     if outputs is not None:
         names = _output_names(sess)
@@ -64,7 +63,8 @@ def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
         if missing:
             raise OnnxspfqError(f"the model has no output named {', '.join(missing)}; its outputs are "
                                 f"{', '.join(names)}: pass one of those")
-    dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
+    axis0 = {i.shape[0] for i in sess.get_inputs() if i.shape}
+    dynamic = len(axis0) == 1 and not isinstance(next(iter(axis0)), int)  # e.g. an RNN's X [seq, ...] is not split
     per_batch, ran, values, per_row = [], [], 0, None
     for feeds in batches:
         n = _rows(feeds) if dynamic else 0
