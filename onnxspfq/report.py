@@ -92,6 +92,9 @@ class Report:
             if a.top1_agreement is not None:
                 line += f", top-1 agreement {100 * a.top1_agreement:.2f}%"
             rows.append(line)
+            if on == "calibration":  # the data the methods fitted: it overstates (RESULTS.md section 6)
+                rows.append("  (measured on the data the layers were fitted to, which overstates agreement; "
+                            "--eval-data measures it on held-out inputs)")
         rows.append(f"total time: {self.time_s:.1f} s")
         return "\n".join(rows)
 
