@@ -196,14 +196,10 @@ def _evaluate(a: argparse.Namespace) -> None:
     from onnxspfq.evaluate import evaluate_files
 
     from onnxspfq import output_files
-    from onnxspfq.calib import source_files
-    from onnxspfq.graph import load_model
 
-    inputs = [p for m in (a.float_model, a.compressed_model) for p in load_model(m).files()]
-    output_files.check({"--json": a.json}, inputs + source_files(a.data) + ([a.labels] if a.labels else []))
     agreement = evaluate_files(a.float_model, a.compressed_model, a.data, labels=a.labels, samples=a.samples,
                                batch_size=a.batch_size, output=a.output, task=a.task, k=a.k,
-                               image_preprocess=_image(a), batch_axes=_axes(a.batch_axis))
+                               image_preprocess=_image(a), batch_axes=_axes(a.batch_axis), json_path=a.json)
     figures = agreement.as_dict()
     for k, v in figures.items():
         if v is not None:

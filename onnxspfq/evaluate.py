@@ -312,18 +312,22 @@ def _per_shape(refs: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarra
 def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str | None = None,
                    samples: int | None = None, batch_size: int = 64, output: str | None = None,
                    task: str = "auto", k: int = 10, image_preprocess=None,
-                   batch_axes: dict[str, int] | None = None) -> Agreement:
+                   batch_axes: dict[str, int] | None = None, json_path: str | None = None) -> Agreement:
     """`onnxspfq evaluate`: both models on the inputs in `data`; labels from `labels` (.npy) or data's 'labels'.
 
     An .npz may hold keys besides the model inputs (e.g. stored reference outputs): those are ignored.
+    `json_path`: where the caller will write the figures; checked here, before any work, against every input.
     """
-    from onnxspfq.calib import load_calibration, model_inputs
+    from onnxspfq import output_files
+    from onnxspfq.calib import load_calibration, model_inputs, source_files
     from onnxspfq.graph import load_model
 
     if task not in TASKS:
         raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     float_model = load_model(float_path)
-    load_model(compressed_path)  # clear errors for a bad second file too
+    compressed = load_model(compressed_path)  # clear errors for a bad second file too
+    output_files.check({"--json": json_path}, float_model.files() + compressed.files() + source_files(data)
+                       + ([labels] if labels else []))
     source: object = data
     y = None
     if str(data).endswith(".npz"):
