@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from onnxspfq import output_files
 from onnxspfq.calib import load_calibration, source_files
 from onnxspfq.images import ImagePreprocess
+from onnxspfq.branches import taken_view
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
@@ -126,6 +127,7 @@ class _Run:
     """What the checks before any work establish: the folded model, its layers, the calibration batches."""
 
     model: Model
+    view: Model  # what the capture runs: `model` with the If branches the data takes inlined (branches.py)
     layers: list[Layer]
     skipped: list[dict]
     batches: list[dict[str, np.ndarray]]
@@ -200,7 +202,8 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         raise OnnxspfqError(f"--output {compare_output!r} is not an output of {model_path} (its outputs are "
                             f"{', '.join(names)}); the file to write is given by -o")
     model = fold_weight_chains(original)
-    layers, skipped = find_layers(model, skip=config.skip)
+    view, inner = taken_view(model, None)  # every layer, If branches included, before the data decides
+    layers, skipped = find_layers(view, skip=config.skip)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
     # onnxruntime must run the whole graph at its types (a bfloat16 MatMul has no CPU kernel) before any layer is
@@ -211,14 +214,21 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         batch_axes=batch_axes)
     held_out = None if eval_data is None else load_calibration(
         eval_data, model.proto, batch_size=config.batch_size, image_preprocess=image_preprocess, batch_axes=batch_axes)
-    return _Run(model, layers, skipped, batches, held_out)
+    if batches and view is not model:  # the layers of the If branches the calibration data takes
+        view, inner = taken_view(model, batches)
+        present = {n.name for n in view.graph.node}
+        layers, skipped = find_layers(view, skip=[s for s in config.skip if s in present])
+        if not layers:
+            raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
+                                "branches without layers): nothing to do")
+    return _Run(model, view, layers, skipped + inner, batches, held_out)
 
 
 def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool):
     """The pass: each layer's Grams from the capture, the method on them, the compressed weight fed forward.
     Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = _DataFree() if data_free else Capture(run.model, run.layers, run.batches,
+    capture = _DataFree() if data_free else Capture(run.view, run.layers, run.batches,
                                                     max_patches=config.max_patches, seed=config.seed,
                                                     progress=progress)
     weights: dict = {}

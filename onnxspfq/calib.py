@@ -133,10 +133,17 @@ def _to_front(chunk: dict, specs: list[InputSpec]) -> dict:
 
 
 def _runs_of_one_shape(chunks: list[dict], specs: list[InputSpec]) -> list[list[dict]]:
-    """Consecutive chunks whose per-sample shapes agree (they can be batched together)."""
+    """Consecutive chunks whose per-sample shapes agree and whose scalar (rank-0) inputs hold the same value: they
+    can be batched together (a scalar has no sample axis, so chunks with silero's sr 8000 and 16000 cannot)."""
     def key(chunk: dict) -> tuple:
-        return tuple(np.shape(chunk[s.name])[-(len(s.shape) - 1):] if s.name in chunk and len(s.shape) > 1 else ()
-                     for s in specs)
+        def one(s: InputSpec):
+            if s.name not in chunk:
+                return ()
+            if len(s.shape) == 0:
+                a = np.asarray(chunk[s.name])
+                return (a.dtype.str, a.shape, a.tobytes())
+            return np.shape(chunk[s.name])[-(len(s.shape) - 1):] if len(s.shape) > 1 else ()
+        return tuple(one(s) for s in specs)
 
     runs: list[list[dict]] = []
     for chunk in chunks:

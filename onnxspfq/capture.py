@@ -2,7 +2,7 @@
 
 How (FORMATS.md, "Collecting layer inputs"): the model is cut once into segments, one per layer in layer order;
 segment k holds the nodes first needed to compute layer k's input. Each segment is an in-memory
-`onnx.utils.Extractor` sub-model of a shape-inferred, weight-less copy of the model in which the layer weights
+sub-model (graph.sub_model) of a shape-inferred, weight-less copy of the model in which the layer weights
 (and every initializer of >= 1024 elements) are graph INPUTS: the same session serves the float run and the
 compressed run, the weights being fed per run. Two frontiers of computed tensors (float, compressed) are carried
 forward segment by segment; a tensor is dropped as soon as no later segment or layer read needs it, so each node
@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx.utils
 import onnxruntime as ort
 
-from onnxspfq.graph import weightless
+from onnxspfq.graph import node_reads, sub_model, weightless
 from onnxspfq.layers import Layer
 from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
@@ -94,7 +93,8 @@ class Capture:
         wl.graph.ClearField("quantization_annotation")
         if len(wl.graph.sparse_initializer):
             raise ValueError("models with sparse initializers are not supported by Capture; densify them first")
-        self._extractor = onnx.utils.Extractor(wl)
+        self._wl = wl
+        self._value_infos = {v.name: v for v in list(wl.graph.value_info) + list(wl.graph.input) + list(wl.graph.output)}
         self._graph_inputs = [i.name for i in wl.graph.input if i.name not in self._inits]
         self._plan, self._last_use, self._weight_last_use = _plan(wl, [layer.input for layer in self.layers],
                                                                   self._fed, self._graph_inputs)
@@ -230,16 +230,13 @@ class Capture:
         if s in self._sessions:
             return self._sessions[s]
         seg = self._plan[s]
-        ex = self._extractor
+        infos = self._value_infos
         for t in seg.inputs:  # tensors shape inference could not type: declare them from the actual arrays
-            if t not in ex.value_infos:
+            if t not in infos:
                 a = fr.store[(0, t)].get()
-                ex.value_infos[t] = onnx.helper.make_tensor_value_info(
+                infos[t] = onnx.helper.make_tensor_value_info(
                     t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
-        for t in seg.outputs:
-            if t not in ex.value_infos:
-                ex.value_infos[t] = onnx.ValueInfoProto(name=t)
-        sub = ex.extract_model(seg.inputs + seg.weights, seg.outputs)
+        sub = sub_model(self._wl, seg.nodes, seg.inputs + seg.weights, seg.outputs, infos)
         sess = session(sub.SerializeToString(), session_options(), self.providers)
         self._sessions[s] = sess
         return sess
@@ -288,31 +285,13 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------------------------------- planning
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """Tensors a node reads: its inputs and the outer-scope names its sub-graphs use."""
-    names = [n for n in node.input if n]
-    for a in node.attribute:
-        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            names += sorted(_outer_refs(sub))
-    return names
-
-
-def _outer_refs(graph: onnx.GraphProto) -> set[str]:
-    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    refs: set[str] = set()
-    for node in graph.node:
-        refs.update(n for n in _node_reads(node) if n not in local)
-        local.update(node.output)
-    return refs - local
-
-
 def _plan(wl: onnx.ModelProto, targets: list[str], fed: set[str], graph_inputs: list[str]
           ) -> tuple[list[_Segment], dict[str, int], dict[str, int]]:
     """Segments (one per target, in order), each tensor's last use (segment index that reads it), and each fed
     weight's last use. Every node is assigned to the first segment that needs it."""
     g = wl.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    reads = [_node_reads(n) for n in g.node]
+    reads = [node_reads(n) for n in g.node]
     assigned: dict[int, int] = {}
     node_lists: list[list[int]] = []
     for k, target in enumerate(targets):

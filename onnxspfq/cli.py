@@ -215,21 +215,25 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _inspect(a: argparse.Namespace) -> None:
-    from onnxspfq.graph import find_layers, fold_weight_chains, load_model, subgraph_layers
+    from onnxspfq.branches import taken_view
+    from onnxspfq.graph import find_layers, fold_weight_chains, load_model, walk_nodes
 
     model = load_model(a.model)
     proto = model.proto
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in proto.opset_import)
     data = sorted({os.path.basename(f) for f in model.files()} - {os.path.basename(a.model)})
-    print(f"model: {a.model}  IR {proto.ir_version}, opset {opsets}; {model.weight_bytes() / 1e6:.3f} MB of weights"
+    folded = fold_weight_chains(model)  # Constant-node weights (If branches hold them so) count as weights too
+    print(f"model: {a.model}  IR {proto.ir_version}, opset {opsets}; {folded.weight_bytes() / 1e6:.3f} MB of weights"
           + (f", external data in {', '.join(data)}" if data else ", no external data"))
     for kind, values in (("input", _io_values(proto, proto.graph.input)), ("output", _io_values(proto, proto.graph.output))):
         for name, dtype, shape in values:
             print(f"{kind:<7} {name:<32} {dtype:<8} [{', '.join(shape)}]")
-    layers, skipped = find_layers(fold_weight_chains(model))
+    where = {n.name: w for w, _, n in walk_nodes(folded.graph) if w}
+    view, inner = taken_view(folded, None)  # every If branch's layers (which branch runs depends on the data)
+    layers, skipped = find_layers(view)
     for layer in layers:
-        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups} compressible")
-    inner = subgraph_layers(proto)
+        state = f"compressible if the calibration data takes {where[layer.name]}" if layer.name in where else "compressible"
+        print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups} {state}")
     for s in skipped + inner:
         print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")
     print(f"{len(layers)} compressible layer(s), {len(skipped) + len(inner)} left alone")

@@ -18,6 +18,7 @@ from onnxspfq.emit_qdq import dequantize
 from onnxspfq.emit_qdq import emit as emit_qdq
 from onnxspfq.emit_sparse import emit_sparse
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import walk_nodes
 from onnxspfq.io import Model, as_model
 from onnxspfq.layers import Layer
 
@@ -79,7 +80,7 @@ def qdq(model: onnx.ModelProto, items: list[Item], source: Model) -> Emitted:
 def nbits(model: onnx.ModelProto, items: list[Item], source: Model) -> Emitted:
     out, rest = emit_nbits(model, [(i.layer, i.result, i.bits) for i in items], source=source)
     rest = set(rest)
-    nodes = {n.name: n for n in out.graph.node if n.op_type == "MatMulNBits"}
+    nodes = {n.name: n for _, _, n in walk_nodes(out.graph) if n.op_type == "MatMulNBits"}
     done = [i for i in items if i.layer.name not in rest]
     names = {i.layer.name: list(nodes[i.layer.name].input[1:4]) for i in done}  # B, scales, zero points
     return Emitted(out, _bytes(out.graph, names), [i for i in items if i.layer.name in rest])

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import used_names, walk_nodes
 from onnxspfq.io import Model, as_model
 
 MS_DOMAIN = "com.microsoft"
@@ -108,6 +109,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class _Plan:
+    owner: onnx.GraphProto  # the graph holding the node (the main graph or an If branch)
     node: onnx.NodeProto
     init: onnx.TensorProto
     K: int
@@ -119,7 +121,7 @@ def _plan(graph: onnx.GraphProto, layer: Any, result: Any, bits: int) -> _Plan |
     """What the conversion needs, or why the layer cannot become MatMulNBits."""
     if layer.op not in ("MatMul", "Gemm"):
         return f"{layer.op} has no MatMulNBits form"
-    node = _find_node(graph, layer)
+    owner, node = _find_node(graph, layer)
     if node is None:
         return f"no {layer.op} node consumes {layer.weight!r} as input 1"
     init = _find_init(graph, layer.weight)
@@ -144,7 +146,7 @@ def _plan(graph: onnx.GraphProto, layer: Any, result: Any, bits: int) -> _Plan |
                 return f"Gemm bias shape {list(bias.dims)} is not [N] or [1, N]"
     if choose_block_size(K, int(result.block_size), bits) is None:
         return f"result block size {result.block_size} is not a multiple of 16"
-    return _Plan(node, init, K, N, bias)
+    return _Plan(owner, node, init, K, N, bias)
 
 
 def nbits_supported(model: onnx.ModelProto, layer: Any, result: Any, bits: int) -> tuple[bool, str]:
@@ -155,10 +157,12 @@ def nbits_supported(model: onnx.ModelProto, layer: Any, result: Any, bits: int) 
     return (False, plan) if isinstance(plan, str) else (True, "ok")
 
 
-def _find_node(graph: onnx.GraphProto, layer: Any) -> onnx.NodeProto | None:
-    cands = [n for n in graph.node if n.op_type == layer.op and len(n.input) > 1 and n.input[1] == layer.weight]
-    named = [n for n in cands if n.name == layer.name]
-    return (named or cands or [None])[0]
+def _find_node(graph: onnx.GraphProto, layer: Any) -> tuple[onnx.GraphProto | None, onnx.NodeProto | None]:
+    """The layer's node and the graph holding it (an If branch's node reads its weight from the main graph)."""
+    cands = [(g, n) for _, g, n in walk_nodes(graph)
+             if n.op_type == layer.op and len(n.input) > 1 and n.input[1] == layer.weight]
+    named = [c for c in cands if c[1].name == layer.name]
+    return (named or cands or [(None, None)])[0]
 
 
 def _find_init(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
@@ -216,9 +220,9 @@ def _replace(g: onnx.GraphProto, layer: Any, result: Any, bits: int, plan: _Plan
         "MatMulNBits", inputs, list(node.output), name=node.name or layer.name,
         domain=MS_DOMAIN, K=K, N=N, bits=packed.bits, block_size=B, accuracy_level=accuracy_level,
     )
-    idx = list(g.node).index(node)
-    g.node.remove(node)
-    g.node.insert(idx, new)
+    idx = list(plan.owner.node).index(node)
+    plan.owner.node.remove(node)
+    plan.owner.node.insert(idx, new)
     removed_weights.add(layer.weight)
 
 
@@ -259,7 +263,7 @@ def emit_nbits(
             skipped.append(layer.name)
             continue
         _replace(g, layer, result, bits, plan, block_size, accuracy_level, source, removed_weights)
-    still_used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    still_used = used_names(g) | {o.name for o in g.output}
     for name in removed_weights - still_used:
         t = _find_init(g, name)
         g.initializer.remove(t)

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import find_node
 from onnxspfq.layers import WEIGHT_OPS
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
@@ -149,15 +150,15 @@ def _find_initializer(graph: onnx.GraphProto, name: str) -> int:
 
 
 def _check_consumer(graph: onnx.GraphProto, layer: Any) -> None:
-    for node in graph.node:
-        if node.name == layer.name:
-            if len(node.input) > 1 and node.input[1] == layer.weight and node.op_type == layer.op:
-                return
-            raise OnnxspfqError(
-                f"node {layer.name!r} ({node.op_type}) does not read {layer.weight!r} as its weight input: "
-                "pass layers found on this same model"
-            )
-    raise OnnxspfqError(f"no node named {layer.name!r} in the model: pass layers found on this same model")
+    found = find_node(graph, layer.name)  # an If branch's node reads its weight from the main graph
+    if found is None:
+        raise OnnxspfqError(f"no node named {layer.name!r} in the model: pass layers found on this same model")
+    node = found[1]
+    if not (len(node.input) > 1 and node.input[1] == layer.weight and node.op_type == layer.op):
+        raise OnnxspfqError(
+            f"node {layer.name!r} ({node.op_type}) does not read {layer.weight!r} as its weight input: "
+            "pass layers found on this same model"
+        )
 
 
 def _unique(name: str, taken: set[str]) -> str:

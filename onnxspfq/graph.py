@@ -6,7 +6,7 @@ each op's weight and input look like (`Layer`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -44,15 +44,84 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return out
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node of the graph or of its sub-graphs (If / Loop / Scan bodies)."""
-    used: set[str] = set()
+def bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """The sub-graphs of a node (If branches, Loop / Scan bodies) as (attribute name, graph)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append((a.name, a.g))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend((a.name, sub) for sub in a.graphs)
+    return out
+
+
+def walk_nodes(graph: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, onnx.GraphProto, onnx.NodeProto]]:
+    """Every node of the graph and of its sub-graphs at any depth, as (where, the graph that holds it, node);
+    `where` is "" in the main graph, else the path of bodies, e.g. "If If_0.then_branch > Loop L.body"."""
     for node in graph.node:
-        used.update(n for n in node.input if n)
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                used |= _used_names(sub)
-    return used
+        yield where, graph, node
+        for attr, body in bodies(node):
+            inner = f"{where} > " if where else ""
+            yield from walk_nodes(body, f"{inner}{node.op_type} {node.name or node.output[0]}.{attr}")
+
+
+def find_node(graph: onnx.GraphProto, name: str) -> tuple[onnx.GraphProto, onnx.NodeProto] | None:
+    """The node named `name` anywhere in the graph (sub-graphs included) and the graph that holds it."""
+    return next(((g, n) for _, g, n in walk_nodes(graph) if n.name == name), None)
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node reads: its inputs and the outer-scope names its sub-graphs use (onnx.utils.Extractor sees
+    only the inputs, and drops a Constant that only a branch reads)."""
+    names = [n for n in node.input if n]
+    for _, sub in bodies(node):
+        names += sorted(_outer_refs(sub))
+    return names
+
+
+def _outer_refs(graph: onnx.GraphProto) -> set[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    refs: set[str] = set()
+    for node in graph.node:
+        refs.update(n for n in node_reads(node) if n not in local)
+        local.update(node.output)
+    return refs - local
+
+
+def needed_nodes(graph: onnx.GraphProto, outputs: list[str], stop: set[str]) -> list[int]:
+    """Indices (in order) of the nodes computing `outputs` from the names in `stop`, sub-graph reads included."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        stack += [t for t in node_reads(graph.node[i]) if t not in stop]
+    return sorted(seen)
+
+
+def sub_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], outputs: list[str],
+              infos: dict[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """The model of nodes `nodes` of `model`'s graph, fed `inputs`, returning `outputs` (typed from `infos`; an
+    output without one is left untyped), with the initializers and value infos those nodes read."""
+    g = onnx.GraphProto(name="segment")
+    g.node.extend(model.graph.node[i] for i in nodes)
+    names = used_names(g) | {o for n in g.node for o in n.output}
+    g.input.extend(infos[t] for t in inputs)
+    g.output.extend(infos.get(t) or onnx.ValueInfoProto(name=t) for t in outputs)
+    g.initializer.extend(t for t in model.graph.initializer if t.name in names)
+    io = set(inputs) | set(outputs)
+    g.value_info.extend(v for v in model.graph.value_info if v.name in names and v.name not in io)
+    m = onnx.helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
+    m.functions.extend(model.functions)
+    return m
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of the graph or of its sub-graphs (If / Loop / Scan bodies)."""
+    return {n for _, _, node in walk_nodes(graph) for n in node.input if n}
 
 
 # -------------------------------------------------------------------------------------------------------- folding
@@ -109,6 +178,9 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
 
     The folded tensor keeps the chain's output name; chain nodes and initializers left unused are removed. For a
     Model the folded values are computed when read (nothing is materialised); for a proto they are stored in it.
+    Weights inside If branches (at any depth) become main-graph initializers that the branch reads from the outer
+    scope (the same model to onnxruntime): the capture feeds them and the emitters write them like any other
+    weight (branches.py finds and captures those layers). Loop / Scan bodies are left as they are.
     """
     as_proto = isinstance(model, onnx.ModelProto)
     src = as_model(model)
@@ -119,10 +191,50 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
     g = m.graph
     for node, name in zip(g.node, node_names(g)):
         node.name = name
-    inits = {t.name: t for t in g.initializer}
+    main_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    _fold_graph(g, [g], out, as_proto, main_names)
+    if any(n.op_type == "If" for _, _, n in walk_nodes(g)):
+        taken = {n.name for _, _, n in walk_nodes(g)}
+
+        def branches(graph: onnx.GraphProto, scopes: list[onnx.GraphProto]) -> None:
+            for node in graph.node:
+                for _, body in (bodies(node) if node.op_type == "If" else []):
+                    _name_nodes(body, taken)
+                    _fold_graph(body, scopes + [body], out, as_proto, main_names)
+                    branches(body, scopes + [body])
+
+        branches(g, [g])
+    return m if as_proto else out
+
+
+def _name_nodes(g: onnx.GraphProto, taken: set[str]) -> None:
+    """Give the nodes of a branch names unique in the whole model (a view of the model inlines them next to the
+    main graph's nodes, and the emitters find a layer's node by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{g.name or 'body'}/{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+
+
+def _fold_graph(g: onnx.GraphProto, scopes: list[onnx.GraphProto], out: Model, as_proto: bool,
+                main_names: set[str]) -> None:
+    """Fold the weight chains of graph `g` = scopes[-1] (scopes: the main graph, then the enclosing If branches).
+    In a branch, folded weights and weight initializers of the branch or of an enclosing branch move to the main
+    graph, renamed (with every read in their scope) where the name is taken there."""
+    main = scopes[0]
+    local = {t.name: (owner, t) for owner in scopes[1:] for t in owner.initializer}
+    inits = {**{t.name: t for t in main.initializer}, **{k: t for k, (_, t) in local.items()}}
     producers = {o: n for n in g.node for o in n.output if o}
     graph_outputs = {o.name for o in g.output}
-    all_names = set(producers) | set(inits) | {i.name for i in g.input}
+    all_names = set(producers) | set(inits) | {i.name for i in g.input} | main_names
     folded: dict[str, str] = {}
     drop_nodes: set[str] = set()
     roots: set[str] = set()
@@ -130,33 +242,51 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         t = node.input[1]
-        if not t or t in inits:
+        if not t or t in folded:
+            node.input[1] = folded.get(t, t)
             continue
-        if t not in folded:
-            chain = _chain(t, producers, inits, out)
-            if chain is None:
-                continue
-            new = t
-            if t in graph_outputs:
-                new, k = f"{t}_folded", 1
-                while new in all_names:
-                    new, k = f"{t}_folded_{k}", k + 1
-                all_names.add(new)
-            else:
-                drop_nodes.add(producers[t].name)
+        if t in inits and t not in local:
+            continue
+        chain = None if t in local else _chain(t, producers, inits, out)
+        if t not in local and chain is None:
+            continue
+        new = t
+        if t in graph_outputs or (g is not main and t in main_names):
+            new, k = f"{t}_folded", 1
+            while new in all_names:
+                new, k = f"{t}_folded_{k}", k + 1
+        elif t not in local:
+            drop_nodes.add(producers[t].name)
+        all_names.add(new)
+        main_names.add(new)
+        if t in local:  # a branch initializer: moved to the main graph (its readers in the branch follow it)
+            owner, tensor = local.pop(t)
+            moved = onnx.TensorProto()
+            moved.CopyFrom(tensor)
+            moved.name = new
+            main.initializer.append(moved)
+            kept = [x for x in owner.initializer if x.name != t]
+            del owner.initializer[:]
+            owner.initializer.extend(kept)
+            if new != t:
+                for _, _, reader in walk_nodes(owner):
+                    reader.input[:] = [new if i == t else i for i in reader.input]
+                if t in out.derived:
+                    out.derived[new] = out.derived[t]
+        else:
             dims, dtype, read = chain
             if as_proto:
-                g.initializer.append(numpy_helper.from_array(np.asarray(read()), new))
+                main.initializer.append(numpy_helper.from_array(np.asarray(read()), new))
             else:
-                g.initializer.append(_derived_tensor(new, dims, dtype))
+                main.initializer.append(_derived_tensor(new, dims, dtype))
                 out.derived[new] = read
-            inits[new] = g.initializer[-1]
-            folded[t] = new
             roots |= _chain_sources(t, producers)
-        node.input[1] = folded[t]
-    if folded:
-        _drop_dead_chains(g, drop_nodes, roots, inits, graph_outputs)
-    return m if as_proto else out
+        inits[new] = main.initializer[-1]
+        folded[t] = new
+        node.input[1] = new
+    if drop_nodes or roots:
+        _drop_dead_chains(g, drop_nodes, roots, {k: t for k, (_, t) in local.items()} if g is not main else inits,
+                          graph_outputs)
 
 
 def _drop_dead_chains(g: onnx.GraphProto, drop_nodes: set[str], roots: set[str], inits: dict,
@@ -173,7 +303,7 @@ def _drop_dead_chains(g: onnx.GraphProto, drop_nodes: set[str], roots: set[str],
         kept = [n for n in kept if n.name not in dead_names]
     del g.node[:]
     g.node.extend(kept)
-    used = _used_names(g) | graph_outputs
+    used = used_names(g) | graph_outputs
     unused = {r for r in roots if r in inits and r not in used}
     if unused:
         keep_inits = [t for t in g.initializer if t.name not in unused]
@@ -195,7 +325,7 @@ def _derived_tensor(name: str, dims: tuple[int, ...], dtype: int) -> onnx.Tensor
 def _used_names_nodes(nodes: list[onnx.NodeProto]) -> set[str]:
     g = onnx.GraphProto()
     g.node.extend(nodes)
-    return _used_names(g)
+    return used_names(g)
 
 
 def _chain_sources(name: str, producers: dict[str, onnx.NodeProto]) -> set[str]:
@@ -318,27 +448,6 @@ def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str
     return layers, skipped
 
 
-def subgraph_layers(model: onnx.ModelProto) -> list[dict]:
-    """MatMul / Gemm / Conv nodes inside If / Loop / Scan bodies, as find_layers' left-alone entries: the pass
-    compresses the main graph only (a body's inputs cannot be captured by running the model)."""
-    out: list[dict] = []
-
-    def walk(graph: onnx.GraphProto, where: str) -> None:
-        for node, name in zip(graph.node, node_names(graph)):
-            for attr in node.attribute:
-                bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for body in bodies:
-                    inner = f"{where}{node.op_type} {name}.{attr.name}"
-                    for n, nn in zip(body.node, node_names(body)):
-                        if n.op_type in WEIGHT_OPS:
-                            out.append({"name": nn, "op": n.op_type,
-                                        "reason": f"inside the {inner} body; only main-graph layers are compressed"})
-                    walk(body, inner + " > ")
-
-    walk(model.graph, "")
-    return out
-
-
 # Op domains onnxruntime's CPU provider runs (the standard ops, its ML ops and its contrib ops)
 RUNNABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training")
 
@@ -347,15 +456,7 @@ def check_runnable(model: onnx.ModelProto) -> None:
     """Refuse, before any work, a model with ops in domains onnxruntime cannot run (custom ops need their own
     library, which the pass cannot load): calibration runs the model."""
     local = {(f.domain, f.name) for f in model.functions}
-
-    def nodes(graph: onnx.GraphProto):
-        for n in graph.node:
-            yield n
-            for attr in n.attribute:
-                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    yield from nodes(body)
-
-    for n in nodes(model.graph):
+    for _, _, n in walk_nodes(model.graph):
         if n.domain not in RUNNABLE_DOMAINS and (n.domain, n.op_type) not in local:
             raise OnnxspfqError(f"node {n.name or n.output[0]!r} is op {n.op_type} of custom domain {n.domain!r}, "
                                 "which onnxruntime cannot run without that op's library; calibration runs the model "

@@ -151,3 +151,68 @@ def conv_transpose(c_in: int = 4, c_out: int = 6, kernel=(3, 3), strides=(2, 2),
     return _model(nodes, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in] + spatial)],
                   [h.make_tensor_value_info(out, TensorProto.FLOAT, ["N", c_out if not head else 2] + [None] * nd)],
                   inits)
+
+
+def branchy(width: int = 16, inline: str | None = None, nested: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x [N, width], sr int64 [] -> MatMul W0 -> If(sr == 16) -> y [N, 4]: the then branch holds two MatMuls
+    (weight T1 a Constant node of the branch, T2 a branch initializer), the else branch one (E1, a Constant), as
+    silero-vad's If on its sample rate does. inline "then_branch" / "else_branch": the same model with that branch
+    written into the main graph instead (same names, no If): what compressing the If model must reproduce.
+    nested: T2's MatMul sits inside a second If (always true) inside the then branch."""
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+    W0, T1, T2, E1 = w(width, width), w(width, width), w(width, 4), w(width, 4)
+    const = lambda name, a: h.make_node("Constant", [], [name], value=nh.from_array(a, name + "_value"), name=name)
+    inner = [h.make_node("MatMul", ["t_relu", "T2"], ["t_out"], name="t_mm2")]
+    if nested:
+        body = h.make_graph(inner, "inner", [], [h.make_tensor_value_info("t_out", TensorProto.FLOAT, None)], [])
+        flag = h.make_node("Constant", [], ["t_flag"], value=h.make_tensor("f", TensorProto.BOOL, [], [True]),
+                           name="t_flag")
+        inner = [flag, h.make_node("If", ["t_flag"], ["t_out2"], then_branch=body, else_branch=body, name="t_if")]
+    then_nodes = [const("T1", T1), h.make_node("MatMul", ["h", "T1"], ["t1"], name="t_mm1"),
+                  h.make_node("Relu", ["t1"], ["t_relu"], name="t_relu")] + inner
+    then_out = "t_out2" if nested else "t_out"
+    else_nodes = [const("E1", E1), h.make_node("MatMul", ["h", "E1"], ["e_out"], name="e_mm1")]
+    then_g = h.make_graph(then_nodes, "then", [], [h.make_tensor_value_info(then_out, TensorProto.FLOAT, None)],
+                          [nh.from_array(T2, "T2")])
+    else_g = h.make_graph(else_nodes, "else", [], [h.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    head = [h.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
+            h.make_node("Constant", [], ["sixteen"], value=h.make_tensor("s", TensorProto.INT64, [], [16]),
+                        name="sixteen"),
+            h.make_node("Equal", ["sr", "sixteen"], ["is16"], name="is16")]
+    inputs = [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width]),
+              h.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    inits = [nh.from_array(W0, "W0")]
+    if inline is None:
+        nodes = head + [h.make_node("If", ["is16"], ["y"], then_branch=then_g, else_branch=else_g, name="rate_if")]
+    else:
+        g = then_g if inline == "then_branch" else else_g
+        nodes = head + list(g.node) + [h.make_node("Identity", [g.output[0].name], ["y"], name="out")]
+        inits += list(g.initializer)
+    return _model(nodes, inputs, [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def looped(width: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x [N, width] -> MatMul W0 -> Loop (2 iterations, body: MatMul L1 on the carried value) -> y: a layer in a
+    loop body, which the pass leaves in float."""
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(seed)
+    W0 = rng.standard_normal((width, width)).astype(np.float32)
+    L1 = rng.standard_normal((width, width)).astype(np.float32)
+    body = h.make_graph(
+        [h.make_node("Identity", ["cond_in"], ["cond_out"], name="l_cond"),
+         h.make_node("MatMul", ["v_in", "L1"], ["v_out"], name="l_mm")],
+        "body", [h.make_tensor_value_info("i", TensorProto.INT64, []),
+                 h.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 h.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [h.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         h.make_tensor_value_info("v_out", TensorProto.FLOAT, None)], [nh.from_array(L1, "L1")])
+    nodes = [h.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
+             h.make_node("Constant", [], ["trips"], value=h.make_tensor("t", TensorProto.INT64, [], [2]), name="trips"),
+             h.make_node("Constant", [], ["go"], value=h.make_tensor("g", TensorProto.BOOL, [], [True]), name="go"),
+             h.make_node("Loop", ["trips", "go", "h"], ["y"], body=body, name="loop")]
+    return _model(nodes, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                  [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], [nh.from_array(W0, "W0")])

@@ -163,3 +163,15 @@ def test_images_with_pillow(tmp_path):
     np.testing.assert_allclose(b2["img"][1, 3, 3], [0, 1, 0], atol=1e-6)
     with pytest.raises(OnnxspfqError, match="size=\\(H, W\\)"):
         load_calibration(tmp_path, _model([("img", TP.FLOAT, ["N", 3, "H", "W"])]))
+
+
+def test_scalar_input_values_are_never_merged():
+    """A rank-0 input (silero's sr) has no sample axis: chunks holding different values stay in separate batches
+    (they were merged under the first chunk's value)."""
+    from builders import branchy
+
+    m = branchy()
+    x = lambda n: np.ones((n, 16), np.float32)
+    batches = load_calibration([{"x": x(3), "sr": np.array(16)}, {"x": x(2), "sr": np.array(8)},
+                                {"x": x(1), "sr": np.array(8)}], m, batch_size=8)
+    assert [(int(b["sr"]), len(b["x"])) for b in batches] == [(16, 3), (8, 3)]

@@ -1,0 +1,124 @@
+"""Layers inside If branches: which branch the calibration data takes, and a view of the model with that branch
+inlined, in which its layers are found, captured and compressed like main-graph layers.
+
+Why a view: onnxruntime runs a branch inside the If node and cannot return a tensor computed there, but it returns
+every tensor of the view. fold_weight_chains (graph.py) has already made each weight inside a branch a main-graph
+initializer that the branch reads from the outer scope, so the weights fed to the view's capture and written by the
+emitters are the model's own: the output keeps the If and both branches, only the weights change.
+
+The condition of each If that holds layers is evaluated on every calibration batch, level by level (an inlined
+branch's own Ifs are decided next). Left in float, each with its reason: the layers of a branch the data never takes,
+of an If whose condition differs between batches (a view follows one branch), and of Loop / Scan bodies (their
+iterations are data). Without calibration data (rtn), nothing runs: the view holds every branch's nodes so that all
+their layers are found (it is only read, never run).
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnxspfq.errors import OnnxspfqError
+from onnxspfq.graph import bodies, needed_nodes, node_reads, sub_model, walk_nodes, weightless
+from onnxspfq.io import Model, session
+from onnxspfq.layers import WEIGHT_OPS
+
+
+def inner_layers(graph: onnx.GraphProto) -> list[tuple[str, onnx.NodeProto]]:
+    """(where, node) of every MatMul / Gemm / Conv / ConvTranspose inside the sub-graphs of `graph`'s nodes."""
+    return [(where, n) for where, _, n in walk_nodes(graph) if where and n.op_type in WEIGHT_OPS]
+
+
+def holds_layers(node: onnx.NodeProto) -> bool:
+    """Whether a node's sub-graphs (at any depth) hold a weight op."""
+    return any(n.op_type in WEIGHT_OPS for _, body in bodies(node) for _, _, n in walk_nodes(body))
+
+
+def taken_view(model: Model, batches: list[dict] | None) -> tuple[Model, list[dict]]:
+    """(the view, left-alone entries for the layers it does not hold); `model` itself when no If holds layers."""
+    if not any(n.op_type == "If" and holds_layers(n) for n in model.graph.node):
+        return model, _loop_layers(model.graph, set())
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    view = Model(proto=proto, base_dir=model.base_dir, path=model.path, inline=model.inline,
+                 derived=model.derived, external=model.external)
+    left: list[dict] = []
+    mixed: set[str] = set()
+    while True:
+        ifs = [n for n in proto.graph.node if n.op_type == "If" and n.name not in mixed and holds_layers(n)]
+        if not ifs:
+            break
+        if batches is None:  # data-free: every branch's nodes, for finding layers only
+            for node in ifs:
+                _inline(proto.graph, node, [b for _, b in bodies(node)], outputs=False)
+            continue
+        for node, seen in zip(ifs, _conditions(view, ifs, batches)):
+            if len(seen) > 1:
+                mixed.add(node.name)
+                continue
+            taken = "then_branch" if seen == {True} else "else_branch"
+            for attr, body in bodies(node):
+                if attr != taken:
+                    left += [{"name": n.name, "op": n.op_type,
+                              "reason": f"inside If {node.name}.{attr}, which no calibration batch takes (its "
+                                        f"condition was always {seen == {True}}): left in float; calibrate with "
+                                        "inputs that take it to compress it"}
+                             for _, _, n in walk_nodes(body) if n.op_type in WEIGHT_OPS]
+            _inline(proto.graph, node, [dict(bodies(node))[taken]], outputs=True)
+    return view, left + _loop_layers(proto.graph, mixed)
+
+
+def _loop_layers(graph: onnx.GraphProto, mixed: set[str]) -> list[dict]:
+    """Left-alone entries for the weight ops still inside sub-graphs of the view's main graph."""
+    out = []
+    for node in graph.node:
+        for attr, body in bodies(node):
+            why = (f"inside If {node.name}, whose condition differs between calibration batches: left in float "
+                   "(the capture follows one branch); calibrate with inputs that all take the same branch"
+                   if node.name in mixed else
+                   f"inside the {node.op_type} {node.name}.{attr} body: left in float (the capture cannot follow "
+                   "a loop's iterations)")
+            out += [{"name": n.name, "op": n.op_type, "reason": why}
+                    for _, _, n in walk_nodes(body) if n.op_type in WEIGHT_OPS]
+    return out
+
+
+def _conditions(view: Model, ifs: list[onnx.NodeProto], batches: list[dict]) -> list[set[bool]]:
+    """The values each If's condition takes over the calibration batches (onnxruntime on the float model)."""
+    wl, fed = weightless(view)
+    conds = [n.input[0] for n in ifs]
+    wanted = list(dict.fromkeys(conds))
+    sources = {i.name for i in wl.graph.input}
+    nodes = needed_nodes(wl.graph, wanted, sources)
+    reads = {t for i in nodes for t in node_reads(wl.graph.node[i])} | set(wanted)
+    inputs = [i for i in wl.graph.input if i.name in reads]
+    infos = {v.name: v for v in list(wl.graph.value_info) + list(wl.graph.input) + list(wl.graph.output)}
+    sub = sub_model(wl, nodes, [i.name for i in inputs], wanted, infos)
+    sess = session(sub.SerializeToString())
+    weights = {i.name: view.array(i.name) for i in inputs if i.name in fed}
+    names = [o.name for o in sub.graph.output]
+    seen: dict[str, set[bool]] = {c: set() for c in names}
+    for feed in batches:
+        values = sess.run(names, {**{i.name: feed[i.name] for i in inputs if i.name not in fed}, **weights})
+        for c, v in zip(names, values):
+            if v.size != 1:
+                raise OnnxspfqError(f"the condition {c!r} of an If holds {v.size} values on the calibration data, "
+                                    "not one: the model does not run on this data; check the calibration inputs")
+            seen[c].add(bool(v.reshape(()).item()))
+    return [seen[c] for c in conds]
+
+
+def _inline(g: onnx.GraphProto, node: onnx.NodeProto, branches: list[onnx.GraphProto], outputs: bool) -> None:
+    """Replace `node` in `g` by the nodes of `branches` (and, with outputs, Identity nodes from the branch's
+    outputs to the If's outputs), the branches' initializers and value infos with them."""
+    i = list(g.node).index(node)
+    new: list[onnx.NodeProto] = []
+    for body in branches:
+        new += list(body.node)
+        g.initializer.extend(body.initializer)
+        g.value_info.extend(body.value_info)
+        if outputs:
+            new += [helper.make_node("Identity", [b.name], [o], name=f"{node.name}/{o}")
+                    for b, o in zip(body.output, node.output) if o]
+    rest = list(g.node)
+    del g.node[:]
+    g.node.extend(rest[:i] + new + rest[i + 1:])

@@ -1,0 +1,167 @@
+"""Layers inside If branches (branches.py, graph.fold_weight_chains): found, captured on the branch the calibration
+data takes, compressed, and written back inside the If; the branch not taken, an If whose condition varies and a
+Loop body stay float with a reason. The reference for each compressed branch is the same model with that branch
+written into the main graph: the If model must give the same codes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from builders import branchy, looped
+from onnxspfq.api import compress
+from onnxspfq.cli import main
+from onnxspfq.config import CompressConfig, QuantConfig
+from onnxspfq.graph import fold_weight_chains, walk_nodes
+
+
+def _calib(path, sr: int | list[int], n: int = 64, width: int = 16, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    rates = [sr] if isinstance(sr, int) else sr
+    for i, r in enumerate(rates):  # one file per rate: a batch has one sr (a scalar input)
+        d = path / f"part{i}"
+        d.mkdir()
+        np.savez(d / "a.npz", x=rng.standard_normal((n, width)).astype(np.float32), sr=np.array(r, np.int64))
+    return str(path / "part0") if len(rates) == 1 else [str(path / f"part{i}") for i in range(len(rates))]
+
+
+def _run(model_path, x, sr):
+    # no graph optimisation: the exact DequantizeLinear -> MatMul arithmetic (onnxruntime's default level fuses
+    # QDQ MatMuls of the main graph, not of a branch, into int8-activation kernels: 2e-3 apart on these models)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x, "sr": np.array(sr, np.int64)})[0]
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("taken, sr", [("then_branch", 16), ("else_branch", 8)])
+def test_taken_branch_matches_the_same_branch_in_the_main_graph(tmp_path, taken, sr):
+    onnx.save(branchy(), tmp_path / "if.onnx")
+    onnx.save(branchy(inline=taken), tmp_path / "flat.onnx")
+    calib = _calib(tmp_path, sr)
+    cfg = CompressConfig(quant=QuantConfig(bits=4))
+    r_if = compress(str(tmp_path / "if.onnx"), calib, str(tmp_path / "q_if.onnx"), cfg, progress=False).report
+    r_flat = compress(str(tmp_path / "flat.onnx"), calib, str(tmp_path / "q_flat.onnx"), cfg, progress=False).report
+    want = ["mm0", "t_mm1", "t_mm2"] if taken == "then_branch" else ["mm0", "e_mm1"]
+    assert [r.name for r in r_if.layers] == [r.name for r in r_flat.layers] == want
+    other = "e_mm1" if taken == "then_branch" else "t_mm1"
+    reasons = {s["name"]: s["reason"] for s in r_if.skipped}
+    assert "which no calibration batch takes" in reasons[other]
+    a, b = _inits(tmp_path / "q_if.onnx"), _inits(tmp_path / "q_flat.onnx")
+    quantized = [k for k in b if k.endswith("_quantized")]
+    assert len(quantized) == len(want)
+    for k in quantized + [k.replace("_quantized", "_scale") for k in quantized]:
+        np.testing.assert_array_equal(a[k], b[k])
+    x = np.random.default_rng(5).standard_normal((7, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "q_if.onnx", x, sr), _run(tmp_path / "q_flat.onnx", x, sr),
+                               rtol=1e-5, atol=1e-6)
+    # the If and its branches stay; the layer's node still sits in its branch, reading the weight from outside
+    out = onnx.load(str(tmp_path / "q_if.onnx"))
+    onnx.checker.check_model(out, full_check=True)
+    where = {n.name: w for w, _, n in walk_nodes(out.graph)}
+    assert where["t_mm1"] == "If rate_if.then_branch" and where["e_mm1"] == "If rate_if.else_branch"
+    # the branch not taken keeps its float weights: on its rate the output differs from the float model's only
+    # through mm0's quantization, which the float model with mm0's weight de-quantized reproduces exactly
+    not_sr = 8 if sr == 16 else 16
+    ref = onnx.load(str(tmp_path / "if.onnx"))
+    w0 = next(t for t in ref.graph.initializer if t.name == "W0")
+    codes, scale = a["W0_quantized"].astype(np.float32), a["W0_scale"]
+    w0.CopyFrom(numpy_helper.from_array((codes * scale[None, :]).astype(np.float32), "W0"))
+    onnx.save(ref, tmp_path / "ref.onnx")
+    np.testing.assert_allclose(_run(tmp_path / "q_if.onnx", x, not_sr), _run(tmp_path / "ref.onnx", x, not_sr),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_untaken_branch_weights_stay_the_float_ones(tmp_path):
+    onnx.save(branchy(), tmp_path / "if.onnx")
+    compress(str(tmp_path / "if.onnx"), _calib(tmp_path, 16), str(tmp_path / "q.onnx"), progress=False)
+    out = _inits(tmp_path / "q.onnx")
+    src = fold_weight_chains(onnx.load(str(tmp_path / "if.onnx")))
+    e1 = next(numpy_helper.to_array(t) for t in src.graph.initializer if t.name == "E1")
+    np.testing.assert_array_equal(out["E1"], e1)
+    assert "T1" not in out and "T1_quantized" in out
+
+
+def test_both_branches_by_two_runs(tmp_path):
+    """The documented way to compress both branches of an If on an input (silero's sample rate)."""
+    onnx.save(branchy(), tmp_path / "if.onnx")
+    (tmp_path / "c16").mkdir()
+    (tmp_path / "c8").mkdir()
+    compress(str(tmp_path / "if.onnx"), _calib(tmp_path / "c16", 16), str(tmp_path / "a.onnx"), progress=False)
+    r = compress(str(tmp_path / "a.onnx"), _calib(tmp_path / "c8", 8), str(tmp_path / "b.onnx"), progress=False)
+    assert [layer.name for layer in r.report.layers] == ["e_mm1"]  # mm0 and the then branch are QDQ already
+    names = _inits(tmp_path / "b.onnx")
+    assert {"T1_quantized", "T2_quantized", "E1_quantized", "W0_quantized"} <= set(names)
+
+
+def test_mixed_condition_leaves_the_if_float(tmp_path):
+    onnx.save(branchy(), tmp_path / "if.onnx")
+    calib = _calib(tmp_path, [16, 8])
+    from onnxspfq.calib import load_calibration
+
+    batches = [b for c in calib for b in load_calibration(c, onnx.load(str(tmp_path / "if.onnx")))]
+    r = compress(str(tmp_path / "if.onnx"), batches, str(tmp_path / "q.onnx"), progress=False).report
+    assert [layer.name for layer in r.layers] == ["mm0"]
+    reasons = {s["name"]: s["reason"] for s in r.skipped}
+    for name in ("t_mm1", "t_mm2", "e_mm1"):
+        assert "condition differs between calibration batches" in reasons[name]
+
+
+def test_nested_if_is_inlined_level_by_level(tmp_path):
+    onnx.save(branchy(nested=True), tmp_path / "if.onnx")
+    onnx.save(branchy(nested=True, inline="then_branch"), tmp_path / "flat.onnx")
+    calib = _calib(tmp_path, 16)
+    r = compress(str(tmp_path / "if.onnx"), calib, str(tmp_path / "q.onnx"), progress=False).report
+    assert [layer.name for layer in r.layers] == ["mm0", "t_mm1", "t_mm2"]
+    x = np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)
+    flat = compress(str(tmp_path / "flat.onnx"), calib, str(tmp_path / "qf.onnx"), progress=False).report
+    assert [layer.name for layer in flat.layers] == ["mm0", "t_mm1", "t_mm2"]
+    np.testing.assert_allclose(_run(tmp_path / "q.onnx", x, 16), _run(tmp_path / "qf.onnx", x, 16), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_nbits_replaces_the_node_inside_its_branch(tmp_path):
+    onnx.save(branchy(width=32), tmp_path / "if.onnx")
+    cfg = CompressConfig(quant=QuantConfig(bits=4), format="nbits")
+    compress(str(tmp_path / "if.onnx"), _calib(tmp_path, 16, width=32), str(tmp_path / "q.onnx"), cfg,
+             progress=False)
+    out = onnx.load(str(tmp_path / "q.onnx"))
+    where = {n.name: (w, n.op_type) for w, _, n in walk_nodes(out.graph)}
+    assert where["t_mm1"] == ("If rate_if.then_branch", "MatMulNBits")
+    assert where["mm0"] == ("", "MatMulNBits") and where["e_mm1"][1] == "MatMul"
+    x = np.random.default_rng(3).standard_normal((4, 32)).astype(np.float32)
+    ref = _run(tmp_path / "if.onnx", x, 16)
+    got = _run(tmp_path / "q.onnx", x, 16)
+    assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()
+
+
+def test_rtn_without_data_compresses_every_branch(tmp_path):
+    onnx.save(branchy(), tmp_path / "if.onnx")
+    r = compress(str(tmp_path / "if.onnx"), None, str(tmp_path / "q.onnx"), CompressConfig(method="rtn"),
+                 progress=False).report
+    assert sorted(layer.name for layer in r.layers) == ["e_mm1", "mm0", "t_mm1", "t_mm2"]
+    x = np.ones((2, 16), np.float32)
+    for sr in (8, 16):
+        assert np.isfinite(_run(tmp_path / "q.onnx", x, sr)).all()
+
+
+def test_loop_body_layer_is_left_float_with_its_reason(tmp_path, capsys):
+    onnx.save(looped(), tmp_path / "loop.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    assert main(["compress", str(tmp_path / "loop.onnx"), "--calib", str(tmp_path / "c.npz"), "-o",
+                 str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [layer["name"] for layer in rep["layers"]] == ["mm0"]
+    reason = {s["name"]: s["reason"] for s in rep["skipped"]}["l_mm"]
+    assert "Loop loop.body" in reason and "left in float" in reason
+    assert main(["inspect", str(tmp_path / "loop.onnx")]) == 0
+    assert "l_mm" in capsys.readouterr().out
