@@ -23,9 +23,11 @@ from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
-from onnxspfq.graph import check_runnable, find_layers, fold_weight_chains, load_model, weightless
+from onnxspfq.graph import check_runnable, find_layers, load_model, weightless
+from onnxspfq.fold import fold_weight_chains
 from onnxspfq.layers import Layer
-from onnxspfq.io import Model, model_file_bytes, save_model, session
+from onnxspfq.io import Model, model_file_bytes, session
+from onnxspfq.save import save_model
 from onnxspfq.methods import METHODS
 from onnxspfq.report import LayerReport, Report, file_sha256, poor_result
 

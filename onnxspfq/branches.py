@@ -2,7 +2,7 @@
 inlined, in which its layers are found, captured and compressed like main-graph layers.
 
 Why a view: onnxruntime runs a branch inside the If node and cannot return a tensor computed there, but it returns
-every tensor of the view. fold_weight_chains (graph.py) has already made each weight inside a branch a main-graph
+every tensor of the view. fold_weight_chains (fold.py) has already made each weight inside a branch a main-graph
 initializer that the branch reads from the outer scope, so the weights fed to the view's capture and written by the
 emitters are the model's own: the output keeps the If and both branches, only the weights change.
 

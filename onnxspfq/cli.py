@@ -216,7 +216,8 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 def _inspect(a: argparse.Namespace) -> None:
     from onnxspfq.branches import taken_view
-    from onnxspfq.graph import find_layers, fold_weight_chains, load_model, walk_nodes
+    from onnxspfq.graph import find_layers, load_model, walk_nodes
+    from onnxspfq.fold import fold_weight_chains
 
     model = load_model(a.model)
     proto = model.proto

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from onnxspfq.errors import OnnxspfqError
 
-# The external data file save_model writes beside an output model (io.save_model names it so)
+# The external data file save_model writes beside an output model (save.save_model names it so)
 DATA_SUFFIX = ".data"
 
 

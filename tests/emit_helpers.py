@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxspfq.graph import find_layers, fold_weight_chains, node_names
+from onnxspfq.graph import find_layers, node_names
+from onnxspfq.fold import fold_weight_chains
 from onnxspfq.layers import Layer
 
 

@@ -1,4 +1,4 @@
-"""Layers inside If branches (branches.py, graph.fold_weight_chains): found, captured on the branch the calibration
+"""Layers inside If branches (branches.py, fold.fold_weight_chains): found, captured on the branch the calibration
 data takes, compressed, and written back inside the If; the branch not taken, an If whose condition varies and a
 Loop body stay float with a reason. The reference for each compressed branch is the same model with that branch
 written into the main graph: the If model must give the same codes."""
@@ -16,7 +16,8 @@ from builders import branchy, looped
 from onnxspfq.api import compress
 from onnxspfq.cli import main
 from onnxspfq.config import CompressConfig, QuantConfig
-from onnxspfq.graph import fold_weight_chains, walk_nodes
+from onnxspfq.graph import walk_nodes
+from onnxspfq.fold import fold_weight_chains
 
 
 def _calib(path, sr: int | list[int], n: int = 64, width: int = 16, seed: int = 1):

@@ -15,7 +15,8 @@ from onnx import numpy_helper as nh
 from onnxspfq.capture import Capture
 
 from reference_run import run_model
-from onnxspfq.graph import find_layers, fold_weight_chains
+from onnxspfq.graph import find_layers
+from onnxspfq.fold import fold_weight_chains
 from onnxspfq.gram import Grams, im2col
 
 RNG = np.random.default_rng(1)

@@ -8,7 +8,8 @@ import pytest
 from onnxspfq.config import QuantConfig
 from onnxspfq.emit import FORMATS, Item, emit
 from onnxspfq.gram import Grams
-from onnxspfq.graph import find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import find_layers, load_model
+from onnxspfq.fold import fold_weight_chains
 from onnxspfq.methods import rtn
 
 

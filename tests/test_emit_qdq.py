@@ -14,6 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxspfq import io as oio
+from onnxspfq import save as osave
 from onnxspfq.config import levels
 from onnxspfq.emit_qdq import dequantize, emit, min_ir_version
 from onnxspfq.errors import OnnxspfqError
@@ -157,7 +158,7 @@ def test_file_size_shrinks_with_bits(tmp_path):
     for bits in (8, 4, 2):
         q = emit(model, [(layer, rtn(layer.matrix(), bits), bits)])
         path = tmp_path / f"m{bits}.onnx"
-        oio.save_model_atomic(q, path)
+        osave.save_model_atomic(q, path)
         size[bits] = os.path.getsize(path)
         assert size[bits] == oio.model_size_bytes(q)
     assert 0.24 < size[8] / size["float"] < 0.27
@@ -357,7 +358,7 @@ def test_model_size_bytes_is_serialized_size():
 def test_save_atomic_roundtrip(tmp_path):
     model, _, _ = matmul_model()
     path = tmp_path / "m.onnx"
-    oio.save_model_atomic(model, path)
+    osave.save_model_atomic(model, path)
     assert os.listdir(tmp_path) == ["m.onnx"]
     assert onnx.load(path).SerializeToString() == model.SerializeToString()
 
@@ -371,22 +372,22 @@ def test_save_atomic_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(oio.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
-        oio.save_model_atomic(model, path)
+        osave.save_model_atomic(model, path)
     assert os.listdir(tmp_path) == []
     # an existing file at the target stays intact
     path.write_bytes(b"old")
     with pytest.raises(OSError, match="simulated"):
-        oio.save_model_atomic(model, path)
+        osave.save_model_atomic(model, path)
     assert os.listdir(tmp_path) == ["m.onnx"] and path.read_bytes() == b"old"
 
 
 def test_save_atomic_missing_directory(tmp_path):
     model, _, _ = matmul_model()
     with pytest.raises(OnnxspfqError, match="does not exist"):
-        oio.save_model_atomic(model, tmp_path / "missing" / "m.onnx")
+        osave.save_model_atomic(model, tmp_path / "missing" / "m.onnx")
     assert os.listdir(tmp_path) == []
     with pytest.raises(OnnxspfqError, match="is a directory"):
-        oio.save_model_atomic(model, tmp_path)
+        osave.save_model_atomic(model, tmp_path)
 
 
 def test_save_external_data(tmp_path):
@@ -394,7 +395,7 @@ def test_save_external_data(tmp_path):
     q = emit(model, [(layer, rtn(layer.matrix(), 4), 4)])
     before = q.SerializeToString()
     path = tmp_path / "big.onnx"
-    oio.save_model_atomic(q, path, external_data_threshold=0)
+    osave.save_model_atomic(q, path, external_data_threshold=0)
     assert q.SerializeToString() == before  # caller's proto restored
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
     assert os.path.getsize(tmp_path / "big.onnx.data") >= 64 * 64 // 2
@@ -414,15 +415,15 @@ def test_save_external_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(oio.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
-        oio.save_model_atomic(model, tmp_path / "big.onnx", external_data_threshold=0)
+        osave.save_model_atomic(model, tmp_path / "big.onnx", external_data_threshold=0)
     assert os.listdir(tmp_path) == []
     assert model.SerializeToString() == before
 
 
 def test_save_rejects_unloaded_external_tensors(tmp_path):
     model, _, _ = matmul_model(K=64, N=64)
-    oio.save_model_atomic(model, tmp_path / "a.onnx", external_data_threshold=0)
+    osave.save_model_atomic(model, tmp_path / "a.onnx", external_data_threshold=0)
     header = onnx.load(tmp_path / "a.onnx", load_external_data=False)
     with pytest.raises(OnnxspfqError, match="external"):
-        oio.save_model_atomic(header, tmp_path / "b.onnx")
+        osave.save_model_atomic(header, tmp_path / "b.onnx")
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "a.onnx.data"]

@@ -7,7 +7,8 @@ import pytest
 from onnxspfq import CompressConfig, QuantConfig, compress
 from onnxspfq.emit_sparse import check_2_4
 from onnxspfq.evaluate import evaluate, run
-from onnxspfq.graph import find_layers, fold_weight_chains
+from onnxspfq.graph import find_layers
+from onnxspfq.fold import fold_weight_chains
 
 
 def _float_twin(model_path, calib, quant, tmp_path):

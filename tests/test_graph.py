@@ -14,7 +14,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import find_layers, fold_weight_chains, load_model
+from onnxspfq.graph import find_layers, load_model
+from onnxspfq.fold import fold_weight_chains
 from onnxspfq.layers import Layer, conv_pads
 
 

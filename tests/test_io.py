@@ -12,7 +12,8 @@ import pytest
 from builders import matmul_chain
 from onnxspfq.cli import main
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.io import open_model, save_model
+from onnxspfq.io import open_model
+from onnxspfq.save import save_model
 
 
 def test_open_reads_no_weights_and_values_match(fmnist_cnn):

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from onnxspfq.api import compress
 from onnxspfq.config import CompressConfig
-from onnxspfq.graph import fold_weight_chains
+from onnxspfq.fold import fold_weight_chains
 
 from conftest import MODELS
 
