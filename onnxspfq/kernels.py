@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 # The blocked kernels alternate OpenBLAS GEMMs and Numba parallel loops. With libgomp's default active waiting,
 # idle OpenMP workers spin between parallel regions and starve the BLAS threads (measured 4x slower blocked
@@ -195,11 +196,50 @@ def _blas_local_threads():
     return None
 
 
-def _chunks(N1: int, min_rows: int = 64) -> list[tuple[int, int]]:
-    """Row ranges, one per Numba thread (numba.get_num_threads), at least min_rows rows each."""
-    k = max(1, min(get_num_threads(), N1 // min_rows))
-    cuts = [N1 * i // k for i in range(k + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(k)]
+# Rows per task of the row scheduler. Tasks are pulled by whichever pool thread is free (a thread slowed by another
+# process no longer stalls the call: with one fixed chunk per thread the blocked phase II ran at 0.28x of a float32
+# GEMM under load), and their boundaries do not depend on the thread count, so neither do the bytes.
+TASK_ROWS = 128
+
+
+def _tasks(N1: int) -> list[tuple[int, int]]:
+    return [(r, min(r + TASK_ROWS, N1)) for r in range(0, N1, TASK_ROWS)]
+
+
+_POOL: list = [None, 0]  # the one worker pool and its size (rebuilt when numba's thread count changes)
+
+
+def _pool() -> ThreadPoolExecutor:
+    n = get_num_threads()
+    if _POOL[0] is None or _POOL[1] != n:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[0] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnxspfq-rows")
+        _POOL[1] = n
+    return _POOL[0]
+
+
+def _over_rows(work, N1: int) -> None:
+    """work(r0, r1) over the row tasks of N1 rows: in this thread (BLAS keeps its own threads) when there is one
+    task or one thread, else on the pool with one BLAS thread each (the pool is the parallelism).
+
+    openblas_set_num_threads_local acts process-wide in numpy's OpenBLAS (measured: a pool thread setting 1 made
+    the main thread's GEMMs single-threaded, 0.16 s instead of 0.085 s at 2048^2), and two workers each saving and
+    restoring it raced, leaving every later BLAS call of the run on one thread. So it is set and restored here,
+    once per call, by the calling thread."""
+    tasks = _tasks(N1)
+    if len(tasks) == 1 or get_num_threads() == 1:
+        for r0, r1 in tasks:
+            work(r0, r1)
+        return
+    setter = _blas_local_threads()
+    old = setter(1) if setter is not None else None
+    try:
+        for f in [_pool().submit(work, r0, r1) for r0, r1 in tasks]:
+            f.result()
+    finally:
+        if setter is not None:
+            setter(old)
 
 
 @njit(parallel=True, cache=CACHE)
@@ -237,75 +277,82 @@ def _blocked(A0, B, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, R0=No
     With N:M groups, block ends move forward to the next column where no group is split."""
     N1, N0 = A0.shape
     gd = np.dtype(gemm_dtype)
-    f32 = gd == np.float32
     gstart, grp = _group_arrays(groups, N0)
-    bounds = _bounds(N0, max(1, int(block)), _next_cut(N0, grp))
-    merged = G is not None
-    Q, V, Z = np.empty((N1, N0)), np.empty((N1, N0)), np.empty((N1, N0), dtype=gd)  # Z: E in the GEMM dtype
-    Hg = H
-    if f32:
-        Hg = np.empty(H.shape, dtype=np.float32)
-        _cast(H, Hg)
+    e = _Engine(A0=A0, B=B, H=H, s=s, xi=xi, T=T, P=P, bs=bs, W=W, G=G, R0=R0, gstart=gstart, grp=grp,
+                nkeep=int(nkeep), gd=gd, bounds=_bounds(N0, max(1, int(block)), _next_cut(N0, grp)))
+    e.Q, e.V, e.Z = np.empty((N1, N0)), np.empty((N1, N0)), np.empty((N1, N0), dtype=gd)  # Z: E in the GEMM dtype
+    e.Hg = H
+    if gd == np.float32:
+        e.Hg = np.empty(H.shape, dtype=np.float32)
+        _cast(H, e.Hg)
     # Gl = strictly lower part of G: the whole W G term (in-block part included) is the GEMM W @ Gl.T, which
     # BLAS reads transposed in place (an explicit transposed copy cost ~10% of the merged kernel)
-    Gl = None
-    if merged:
-        Gl = np.empty(G.shape, dtype=gd)
-        _tril_cast(G, Gl)
-    maxnb = max((b1 - b0 for b0, b1 in bounds), default=1)
-    Bk = B if B is not None else np.zeros((1, 1))
-    dummy = np.zeros((1, 1))
-    Gm = G if merged else dummy
+    if G is not None:
+        e.Gl = np.empty(G.shape, dtype=gd)
+        _tril_cast(G, e.Gl)
+    _over_rows(e.rows, N1)
+    return e.Q, e.V
 
-    def rows(r0: int, r1: int) -> None:
-        Qc, Vc, Zc = Q[r0:r1], V[r0:r1], Z[r0:r1]
+
+@dataclass
+class _Engine:
+    """One blocked path-following call: its operands and outputs; rows(r0, r1) runs rows r0..r1 over all blocks."""
+
+    A0: np.ndarray
+    B: np.ndarray | None
+    H: np.ndarray
+    s: np.ndarray
+    xi: np.ndarray
+    T: object
+    P: np.ndarray
+    bs: int
+    W: np.ndarray | None
+    G: np.ndarray | None
+    R0: np.ndarray | None
+    gstart: np.ndarray
+    grp: np.ndarray
+    nkeep: int
+    gd: np.dtype
+    bounds: list
+    Q: np.ndarray = None
+    V: np.ndarray = None
+    Z: np.ndarray = None
+    Hg: np.ndarray = None
+    Gl: np.ndarray = None
+
+    def rows(self, r0: int, r1: int) -> None:
+        merged, f32, B, dummy = self.G is not None, self.gd == np.float32, self.B, np.zeros((1, 1))
+        Qc, Vc, Zc = self.Q[r0:r1], self.V[r0:r1], self.Z[r0:r1]
         Qc.fill(0.0)  # first touch by the thread that writes these rows (page faults off the sweep)
         Vc.fill(0.0)
         Zc.fill(0.0)
         nr = r1 - r0
-        A0c, xic, Pc = A0[r0:r1], xi[r0:r1], P[r0:r1]
-        Bc = Bk[r0:r1] if B is not None else dummy
-        Wc = W[r0:r1] if merged else dummy
+        A0c, xic, Pc = self.A0[r0:r1], self.xi[r0:r1], self.P[r0:r1]
+        Bc = B[r0:r1] if B is not None else dummy
+        Wc = self.W[r0:r1] if merged else dummy
         Wgc = (Wc.astype(np.float32) if f32 else Wc) if merged else None
+        maxnb = max((b1 - b0 for b0, b1 in self.bounds), default=1)
         rbuf = np.empty(nr * maxnb)
-        tbuf = np.empty(nr * maxnb, dtype=gd) if (merged or f32) else None
-        cbuf = np.empty(nr * maxnb, dtype=gd) if f32 else None
-        for b0, b1 in bounds:
+        tbuf = np.empty(nr * maxnb, dtype=self.gd) if (merged or f32) else None
+        cbuf = np.empty(nr * maxnb, dtype=self.gd) if f32 else None
+        for b0, b1 in self.bounds:
             nb = b1 - b0
             Rb = rbuf[: nr * nb].reshape(nr, nb)
             out = cbuf[: nr * nb].reshape(nr, nb) if f32 else Rb
             if b0 == 0:
                 out.fill(0.0)
             else:
-                np.matmul(Zc[:, :b0], Hg[:b0, b0:b1], out=out)
+                np.matmul(Zc[:, :b0], self.Hg[:b0, b0:b1], out=out)
             if merged:
                 Tb = tbuf[: nr * nb].reshape(nr, nb)
-                np.matmul(Wgc[:, :b1], Gl[b0:b1, :b1].T, out=Tb)
+                np.matmul(Wgc[:, :b1], self.Gl[b0:b1, :b1].T, out=Tb)
                 out += Tb
             if f32:
                 Rb[...] = out
-            if R0 is not None:
-                Rb += R0[r0:r1, b0:b1]
-            _sweep_block(A0c, Bc, B is not None, Rb, H, merged, Wc, Gm, s, xic, T, Pc, bs, b0, b1, Qc, Vc, Zc,
-                         gstart, grp, int(nkeep))
-
-    parts = _chunks(N1)
-    if len(parts) == 1:
-        rows(0, N1)
-        return Q, V
-    setter = _blas_local_threads()
-
-    def worker(rng: tuple[int, int]) -> None:
-        old = setter(1) if setter is not None else None
-        try:
-            rows(*rng)
-        finally:
-            if setter is not None:
-                setter(old)
-
-    with ThreadPoolExecutor(max_workers=len(parts)) as ex:
-        list(ex.map(worker, parts))
-    return Q, V
+            if self.R0 is not None:
+                Rb += self.R0[r0:r1, b0:b1]
+            _sweep_block(A0c, Bc, B is not None, Rb, self.H, merged, Wc, self.G if merged else dummy, self.s, xic,
+                         self.T, Pc, self.bs, b0, b1, Qc, Vc, Zc, self.gstart, self.grp, self.nkeep)
 
 
 def _scaled_diag(H: np.ndarray, C: float) -> np.ndarray:
@@ -365,11 +412,12 @@ def blocked_align(W: np.ndarray, G: np.ndarray, H: np.ndarray, passes: int, bloc
 # GPTQ / OPTQ (Frantar et al.): nearest (or any T) with H^-1 error feedback, lazy blocked updates.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=CACHE)
+@njit(nogil=True, cache=CACHE)
 def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err, gstart, grp, nkeep):
+    # the rows of one row task (kernels run rows independently; the pool runs the tasks)
     N1 = W.shape[0]
     nb = b1 - b0
-    for n in prange(N1):
+    for n in range(N1):
         drop = np.zeros(nb, dtype=np.bool_)
         sc = np.empty(grp.shape[1])
         for i in range(nb):
@@ -407,19 +455,24 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
     xi, P = _f64(xi), _f64(P)
     gstart, grp = _group_arrays(groups, N0)
     nxt = _next_cut(N0, grp)
-    b0 = 0
-    while b0 < N0:
-        b1 = int(nxt[min(b0 + block, N0)])
-        s0 = b0
-        while s0 < b1:
-            s1 = min(int(nxt[min(s0 + inner, N0)]), b1)
-            _gptq_block(W, U, live, xi, T, P, int(bs), s0, s1, Q, V, Err, gstart, grp, int(nkeep))
-            if s1 < b1:
-                W[:, s1:b1] -= Err[:, s0:s1] @ U[s0:s1, s1:b1]
-            s0 = s1
-        if b1 < N0:
-            W[:, b1:] -= Err[:, b0:b1] @ U[b0:b1, b1:]
-        b0 = b1
+
+    def rows(r0: int, r1: int) -> None:
+        Wr, Qr, Vr, Er, xr, Pr = W[r0:r1], Q[r0:r1], V[r0:r1], Err[r0:r1], xi[r0:r1], P[r0:r1]
+        b0 = 0
+        while b0 < N0:
+            b1 = int(nxt[min(b0 + block, N0)])
+            s0 = b0
+            while s0 < b1:
+                s1 = min(int(nxt[min(s0 + inner, N0)]), b1)
+                _gptq_block(Wr, U, live, xr, T, Pr, int(bs), s0, s1, Qr, Vr, Er, gstart, grp, int(nkeep))
+                if s1 < b1:
+                    Wr[:, s1:b1] -= Er[:, s0:s1] @ U[s0:s1, s1:b1]
+                s0 = s1
+            if b1 < N0:
+                Wr[:, b1:] -= Er[:, b0:b1] @ U[b0:b1, b1:]
+            b0 = b1
+
+    _over_rows(rows, N1)
     return Q, V
 
 

@@ -200,8 +200,10 @@ def test_gptq_blocked_equals_unblocked_reference():
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 @pytest.mark.parametrize("form", ["phase2", "merged", "merged_nm"])
 def test_blocked_row_chunks_equal_gram_and_thread_count_free(form):
-    # 160 rows: the blocked engine splits rows into one chunk per thread (>= 64 rows each), each chunk running
-    # its own GEMMs and sweeps; Q must equal the unblocked Gram form exactly and not depend on the thread count.
+    # 160 rows: the blocked engine splits rows into tasks of TASK_ROWS rows pulled by the pool's threads, each
+    # running its own GEMMs and sweeps; Q must equal the unblocked Gram form exactly and not depend on the thread
+    # count. The call must leave the process's BLAS thread count as it found it (two workers saving and restoring
+    # it raced and left every later GEMM of the run on one thread).
     rng = np.random.default_rng(11)
     m, n0, n1 = 90, 48, 160
     X = rng.standard_normal((m, n0)) @ (np.eye(n0) + 0.3 * rng.standard_normal((n0, n0)))
@@ -221,8 +223,14 @@ def test_blocked_row_chunks_equal_gram_and_thread_count_free(form):
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        assert len(K._chunks(n1)) == 2  # the multi-chunk path is what runs here
+        assert len(K._tasks(n1)) == 2  # the pool path is what runs here
+        setter = K._blas_local_threads()
+        blas_before = setter(3) if setter is not None else None
+        if setter is not None:
+            setter(blas_before)
         Q2, V2 = run()
+        if setter is not None:
+            assert setter(blas_before) == blas_before
         numba.set_num_threads(1)
         Q1, V1 = run()
     finally:
