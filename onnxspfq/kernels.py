@@ -271,6 +271,23 @@ def _scale_cols(W, ratio):
     return out
 
 
+# Below this many elements the one-pass helpers run in numpy, same values: a parallel Numba launch costs ~70 us,
+# and EfficientNet-Lite0's depthwise Convs make 44,555 kernel calls on 1 x 9 problems (6.5 s of launches).
+SMALL = 1 << 14
+
+
+def _tril_of(G: np.ndarray, gd: np.dtype) -> np.ndarray:
+    if G.size < SMALL:
+        return np.tril(G, -1).astype(gd)
+    out = np.empty(G.shape, dtype=gd)
+    _tril_cast(G, out)
+    return out
+
+
+def _cols_scaled(W: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    return W * ratio[None, :] if W.size < SMALL else _scale_cols(W, ratio)
+
+
 def _blocked(A0, B, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, R0=None, groups=None, nkeep=0):
     """Run the engine over all blocks (see the section comment). B None: E = -Q. W, G given: merged form.
     R0 (N1, N0), optional: an extra correction added to every column (alignment sweeps).
@@ -283,13 +300,13 @@ def _blocked(A0, B, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, R0=No
     e.Q, e.V, e.Z = np.empty((N1, N0)), np.empty((N1, N0)), np.empty((N1, N0), dtype=gd)  # Z: E in the GEMM dtype
     e.Hg = H
     if gd == np.float32:
-        e.Hg = np.empty(H.shape, dtype=np.float32)
-        _cast(H, e.Hg)
+        e.Hg = H.astype(np.float32) if H.size < SMALL else np.empty(H.shape, dtype=np.float32)
+        if H.size >= SMALL:
+            _cast(H, e.Hg)
     # Gl = strictly lower part of G: the whole W G term (in-block part included) is the GEMM W @ Gl.T, which
     # BLAS reads transposed in place (an explicit transposed copy cost ~10% of the merged kernel)
     if G is not None:
-        e.Gl = np.empty(G.shape, dtype=gd)
-        _tril_cast(G, e.Gl)
+        e.Gl = _tril_of(G, gd)
     _over_rows(e.rows, N1)
     return e.Q, e.V
 
@@ -382,7 +399,7 @@ def blocked_merged(W: np.ndarray, G: np.ndarray, H: np.ndarray, xi: np.ndarray, 
     d = np.diag(H)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(d != 0, np.diag(G) / np.where(d != 0, d, 1.0), 0.0)
-    A0 = _scale_cols(W, np.ascontiguousarray(ratio))
+    A0 = _cols_scaled(W, np.ascontiguousarray(ratio))
     return _blocked(A0, None, H, _scaled_diag(H, C), _f64(xi), T, _f64(P), int(bs), int(block), gemm_dtype,
                     W=W, G=G, groups=groups, nkeep=nkeep)
 

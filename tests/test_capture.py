@@ -254,3 +254,49 @@ def test_run_model_replaces_weights():
     assert not np.allclose(plain[0][0], out[0][0])
     with pytest.raises(ValueError, match="not an initializer"):
         run_model(model, batches, {"nope": np.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------ Gram build savings
+@pytest.mark.parametrize("same", [True, False])
+def test_add_groups_equals_one_add_per_group_bit_for_bit(same):
+    g, n0, m = 37, 9, 300
+    X = _w(m, g * n0)
+    Xt = X if same else X + 0.1 * _w(m, g * n0)
+    batched, single = [Grams(n0) for _ in range(g)], [Grams(n0) for _ in range(g)]
+    import onnxspfq.gram as gram_module
+
+    old = gram_module.GROUP_CHUNK_VALUES
+    try:
+        gram_module.GROUP_CHUNK_VALUES = 5 * m * n0  # several chunks, the last one short
+        Grams.add_groups(batched, X, Xt)
+    finally:
+        gram_module.GROUP_CHUNK_VALUES = old
+    for i, gr in enumerate(single):
+        cols = slice(i * n0, (i + 1) * n0)
+        gr.add(X[:, cols], Xt[:, cols].copy())  # a copy: the general path, three products
+    for a, b in zip(batched, single):
+        assert np.array_equal(a.F, b.F) and np.array_equal(a.H, b.H) and a.m == b.m == m
+        if same:
+            np.testing.assert_allclose(a.G, b.G, rtol=1e-12, atol=1e-12)  # syrk vs gemm: last bits
+        else:
+            assert np.array_equal(a.G, b.G)
+
+
+def test_layers_reading_one_tensor_share_one_gram_build():
+    """Q, K, V of an attention block read one tensor: the capture builds its Grams once and gives the same
+    statistics to each (compressing Q does not change K's input); a layer reading another tensor gets its own."""
+    x = _vi("x", ["N", 6])
+    nodes = [h.make_node("MatMul", ["x", "Wq"], ["q"], name="q"), h.make_node("MatMul", ["x", "Wk"], ["k"], name="k"),
+             h.make_node("Add", ["q", "k"], ["s"], name="add"), h.make_node("MatMul", ["s", "Wo"], ["y"], name="o")]
+    m = _model(nodes, [x], [_vi("y", ["N", 3])],
+               [nh.from_array(_w(6, 5), "Wq"), nh.from_array(_w(6, 5), "Wk"), nh.from_array(_w(5, 3), "Wo")])
+    layers, _ = find_layers(m)
+    batches = [{"x": _w(8, 6)} for _ in range(3)]
+    with Capture(m, layers, batches, memory_limit_mb=0) as cap:  # spilled arrays too: identity of Held, not data
+        gq = cap.grams(layers[0], {})
+        gk = cap.grams(layers[1], {"Wq": _w(6, 5)})
+        go = cap.grams(layers[2], {"Wq": _w(6, 5), "Wk": _w(6, 5)})
+    assert gk is gq and go is not gq
+    X = np.concatenate([b["x"] for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(gk[0].H, X.T @ X, rtol=1e-12)
+    assert gk[0].H is not go[0].H and go[0].n0 == 5

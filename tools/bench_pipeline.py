@@ -1,0 +1,129 @@
+"""Whole pipeline vs its physical floor, with the per-phase shares (issue 12), all in one process and one run.
+
+Floor = 2 plain onnxruntime forward passes of the float model over the same calibration batches (the float and
+the partially compressed model must each run once) + one pass of the path-following kernel per layer (the blocked
+Gram kernel on that layer's W shape, X~ != X form, one call per Conv group). The pipeline is `compress()` with the
+default method and format, kernels already compiled (a warm-up compress of the bundled MLP runs first).
+
+    python tools/bench_pipeline.py                      # the bundled CNN + the cached MiniLM-L6 / EfficientNet-Lite0
+    python tools/bench_pipeline.py --models minilm --method rtn
+
+Phase shares come from cProfile's cumulative times of the driver's own steps (profiling adds ~5-10 %; the ratio is
+timed without it, in a separate compress of the same inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "onnxspfq" / "models"
+MODELS = {
+    "fmnist-cnn": (ROOT / "models" / "fmnist_cnn.onnx", ROOT / "models" / "data" / "fmnist_calib_small.npz", {}),
+    "minilm": (CACHE / "minilm" / "minilm_l6_v2.onnx", CACHE / "minilm" / "minilm_calib.npz", {}),
+    "efficientnet": (CACHE / "efficientnet_lite0" / "efficientnet_lite0.onnx",
+                     CACHE / "efficientnet_lite0" / "effnet_calib.npz", {}),
+    "qwen2-tiny": (ROOT / "models" / "qwen2_tiny.onnx", Path("/tmp/tiny/calib.npz"), {}),
+}
+PHASES = [  # (label, function name as cProfile lists it, file suffix)
+    ("open + checks + calibration", "_open", "api.py"),
+    ("capture (onnxruntime runs, Grams)", "grams", "capture.py"),
+    ("method (search + kernels)", "_quantize_layer", "api.py"),
+    ("emit", "_emit_checked", "api.py"),
+    ("save", "save_model", "save.py"),
+    ("final check + agreement", "_check_and_measure", "api.py"),
+]
+
+
+def floor_seconds(model: str, calib: str, batch_size: int) -> tuple[float, float, float]:
+    """(floor, two forward passes, kernel pass) in seconds."""
+    from onnxspfq import kernels as K
+    from onnxspfq import operators as op
+    from onnxspfq.calib import load_calibration
+    from onnxspfq.fold import fold_weight_chains
+    from onnxspfq.graph import find_layers, load_model
+    from onnxspfq.io import session
+
+    m = load_model(model)
+    batches = load_calibration(calib, m.proto, batch_size=batch_size)
+    sess = session(model)
+    sess.run(None, batches[0])
+    t = time.perf_counter()
+    for _ in range(2):
+        for b in batches:
+            sess.run(None, b)
+    forward = time.perf_counter() - t
+    layers, _ = find_layers(fold_weight_chains(m))
+    rng = np.random.default_rng(0)
+    kernel = 0.0
+    for layer in layers:
+        n0 = layer.n0
+        W = layer.matrix()[: layer.n1 // layer.groups]
+        X = rng.standard_normal((max(2 * n0, 64), n0))
+        H = X.T @ X
+        G = H + 0.01 * np.eye(n0)
+        xi = rng.random(W.shape)
+        scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
+        P = op.grid_params(scale, 4)
+        t = time.perf_counter()
+        for _ in range(layer.groups):
+            K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs)
+        kernel += time.perf_counter() - t
+    return forward + kernel, forward, kernel
+
+
+def run(name: str, method: str, batch_size: int) -> None:
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig
+
+    model, calib, extra = MODELS[name]
+    if not model.exists() or not calib.exists():
+        print(f"{name}: skipped ({model} or {calib} missing; see models/README.md)")
+        return
+    cfg = CompressConfig(method=method, batch_size=batch_size, **extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "q.onnx")
+        t = time.perf_counter()
+        compress(str(model), str(calib), out, cfg, progress=False)
+        pipeline = time.perf_counter() - t
+        floor, forward, kernel = floor_seconds(str(model), str(calib), batch_size)
+        prof = cProfile.Profile()
+        prof.enable()
+        compress(str(model), str(calib), out, cfg, progress=False)
+        prof.disable()
+    stats = pstats.Stats(prof)
+    total = max(v[3] for k, v in stats.stats.items() if k[2] == "compress" and k[0].endswith("api.py"))
+    print(f"{name} ({method}, batch {batch_size}): pipeline {pipeline:.2f} s, floor {floor:.2f} s "
+          f"(2 forward passes {forward:.2f} s + kernel pass {kernel:.2f} s): {pipeline / floor:.2f}x the floor")
+    for label, fn, suffix in PHASES:
+        cum = sum(v[3] for k, v in stats.stats.items() if k[2] == fn and k[0].endswith(suffix))
+        print(f"    {label:<36} {100 * cum / total:5.1f} %")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["fmnist-cnn", "minilm", "efficientnet"], choices=list(MODELS))
+    ap.add_argument("--method", default="spfq")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig
+
+    with tempfile.TemporaryDirectory() as tmp:  # compile / load the kernels once, outside the timings
+        compress(str(ROOT / "models" / "fmnist_mlp.onnx"), str(ROOT / "models" / "data" / "fmnist_calib_small.npz"),
+                 os.path.join(tmp, "w.onnx"), CompressConfig(method=args.method), progress=False)
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs", file=sys.stderr)
+    for name in args.models:
+        run(name, args.method, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
