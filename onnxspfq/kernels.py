@@ -1,9 +1,8 @@
 """Production path-following kernels (ALGORITHM.md Section 3): the blocked Gram form and blocked GPTQ. The slow
 reference forms they are tested against (Section 2 direct, Section 3 unblocked) are reference.py.
 
-All kernels quantize the rows of W (row n = output neuron n) independently, so rows are split across threads
-(a `prange` over rows; the blocked engine: one chunk of rows per thread) and the result does not depend on the
-number of threads. Randomness is NOT drawn here: the caller
+All kernels quantize the rows of W (row n = output neuron n) independently, so rows are split into tasks that a
+pool of threads runs (_over_rows), and the result does not depend on the number of threads. Randomness is NOT drawn here: the caller
 passes `xi` (N1, N0) uniform draws, one per (neuron, t), and the operator `T(v, xi, p)` (see operators.py)
 with its parameter rows `P` (N1, nblocks, nparams); column t of row n uses `P[n, t // bs]`.
 
@@ -254,14 +253,6 @@ def _tril_cast(G, out):
 
 
 @njit(parallel=True, cache=CACHE)
-def _cast(A, out):
-    """out[...] = A (e.g. float64 -> float32) in one parallel pass."""
-    for i in prange(A.shape[0]):
-        for j in range(A.shape[1]):
-            out[i, j] = A[i, j]
-
-
-@njit(parallel=True, cache=CACHE)
 def _scale_cols(W, ratio):
     """W * ratio[None, :] in one parallel pass."""
     out = np.empty_like(W)
@@ -298,11 +289,7 @@ def _blocked(A0, B, H, s, xi, T, P, bs, block, gemm_dtype, W=None, G=None, R0=No
     e = _Engine(A0=A0, B=B, H=H, s=s, xi=xi, T=T, P=P, bs=bs, W=W, G=G, R0=R0, gstart=gstart, grp=grp,
                 nkeep=int(nkeep), gd=gd, bounds=_bounds(N0, max(1, int(block)), _next_cut(N0, grp)))
     e.Q, e.V, e.Z = np.empty((N1, N0)), np.empty((N1, N0)), np.empty((N1, N0), dtype=gd)  # Z: E in the GEMM dtype
-    e.Hg = H
-    if gd == np.float32:
-        e.Hg = H.astype(np.float32) if H.size < SMALL else np.empty(H.shape, dtype=np.float32)
-        if H.size >= SMALL:
-            _cast(H, e.Hg)
+    e.Hg = H.astype(np.float32) if gd == np.float32 else H
     # Gl = strictly lower part of G: the whole W G term (in-block part included) is the GEMM W @ Gl.T, which
     # BLAS reads transposed in place (an explicit transposed copy cost ~10% of the merged kernel)
     if G is not None:
