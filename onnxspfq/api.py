@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from onnxspfq import output_files
 from onnxspfq.calib import load_calibration, source_files
 from onnxspfq.images import ImagePreprocess
-from onnxspfq.branches import taken_view
+from onnxspfq.branches import taken_view, view_layers
 from onnxspfq.capture import Capture
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
@@ -23,7 +23,7 @@ from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate
 from onnxspfq.gram import Grams
-from onnxspfq.graph import check_runnable, find_layers, load_model, weightless
+from onnxspfq.graph import check_runnable, load_model, weightless
 from onnxspfq.fold import fold_weight_chains
 from onnxspfq.layers import Layer
 from onnxspfq.io import Model, model_file_bytes, session
@@ -205,7 +205,7 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
                             f"{', '.join(names)}); the file to write is given by -o")
     model = fold_weight_chains(original)
     view, inner = taken_view(model, None)  # every layer, If branches included, before the data decides
-    layers, skipped = find_layers(view, skip=config.skip)
+    layers, skipped, inner = view_layers(view, config.skip, inner)
     if not layers:
         raise OnnxspfqError(f"{model_path} has no compressible layer (MatMul / Gemm / Conv with a constant weight): nothing to do")
     # onnxruntime must run the whole graph at its types (a bfloat16 MatMul has no CPU kernel) before any layer is
@@ -218,8 +218,7 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         eval_data, model.proto, batch_size=config.batch_size, image_preprocess=image_preprocess, batch_axes=batch_axes)
     if batches and view is not model:  # the layers of the If branches the calibration data takes
         view, inner = taken_view(model, batches)
-        present = {n.name for n in view.graph.node}
-        layers, skipped = find_layers(view, skip=[s for s in config.skip if s in present])
+        layers, skipped, inner = view_layers(view, config.skip, inner, strict=False)
         if not layers:
             raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
                                 "branches without layers): nothing to do")

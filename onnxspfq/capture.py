@@ -162,7 +162,11 @@ class Capture:
     def release(self, weights: dict[str, np.ndarray | Digest]) -> dict[str, np.ndarray | Digest]:
         """`weights` with each array whose last reader has run in the compressed model replaced by its Digest, so
         the caller can drop the array (memory: one layer's weights at a time, not the whole compressed model).
-        Pass the returned dict on to grams(); a Digest stands for the array it was made from."""
+        Pass the returned dict on to grams(); a Digest stands for the array it was made from.
+        With Loop body layers nothing is released: compressing one changes a weight the loop read, and the
+        compressed model is then run again from its start, needing every earlier weight."""
+        if any(layer.stacked for layer in self.layers):
+            return weights
         done = self._comp.pos
         return {name: (self._digest(a) if isinstance(a, np.ndarray) and name in self._comp.used
                        and self._weight_last_use.get(name, -1) < done else a) for name, a in weights.items()}

@@ -215,8 +215,8 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _inspect(a: argparse.Namespace) -> None:
-    from onnxspfq.branches import taken_view
-    from onnxspfq.graph import find_layers, load_model, walk_nodes
+    from onnxspfq.branches import taken_view, view_layers
+    from onnxspfq.graph import load_model, walk_nodes
     from onnxspfq.fold import fold_weight_chains
 
     model = load_model(a.model)
@@ -231,9 +231,11 @@ def _inspect(a: argparse.Namespace) -> None:
             print(f"{kind:<7} {name:<32} {dtype:<8} [{', '.join(shape)}]")
     where = {n.name: w for w, _, n in walk_nodes(folded.graph) if w}
     view, inner = taken_view(folded, None)  # every If branch's layers (which branch runs depends on the data)
-    layers, skipped = find_layers(view)
+    layers, skipped, inner = view_layers(view, [], inner)
     for layer in layers:
-        state = f"compressible if the calibration data takes {where[layer.name]}" if layer.name in where else "compressible"
+        w = where.get(layer.name, "")
+        state = (f"compressible if the calibration data takes {w}" if w.startswith("If ") else
+                 f"compressible (inside {w}, over its iterations)" if w else "compressible")
         print(f"{layer.name:<40} {layer.op:<6} {'x'.join(map(str, layer.shape)):<20} groups={layer.groups} {state}")
     for s in skipped + inner:
         print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import used_names, walk_nodes
+from onnxspfq.graph import unique_name, used_names, walk_nodes
 from onnxspfq.io import Model, as_model
 
 MS_DOMAIN = "com.microsoft"
@@ -171,11 +171,7 @@ def _find_init(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
 
 def _unique(graph: onnx.GraphProto, base: str) -> str:
     taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-    taken |= {o for n in graph.node for o in n.output}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
+    return unique_name(base, taken | {o for n in graph.node for o in n.output})
 
 
 def _replace(g: onnx.GraphProto, layer: Any, result: Any, bits: int, plan: _Plan, block_size: int | None,

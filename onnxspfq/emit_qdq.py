@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import find_node
+from onnxspfq.graph import find_node, unique_name
 from onnxspfq.layers import WEIGHT_OPS
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
@@ -161,14 +161,6 @@ def _check_consumer(graph: onnx.GraphProto, layer: Any) -> None:
         )
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}_{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def _all_names(graph: onnx.GraphProto) -> set[str]:
     names = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
     for node in graph.node:
@@ -203,8 +195,8 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
         wtype = graph.initializer[idx].data_type
         storage = _STORAGE[bits][0]
         q = np.ascontiguousarray(layer.tensor(np.asarray(result.codes))).astype(storage)
-        q_name = _unique(f"{name}_quantized", taken)
-        s_name = _unique(f"{name}_scale", taken)
+        q_name = unique_name(f"{name}_quantized", taken)
+        s_name = unique_name(f"{name}_scale", taken)
         if _blocked(result):
             # (N1, nblocks) into W0's 2-D layout: blocks run along the reduction axis, channels along the other
             scale = np.asarray(result.scale, dtype=np.float32)
@@ -222,14 +214,14 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
             graph.input.extend(inputs)
         # float16 / bfloat16 / double weights: DequantizeLinear to float32 (its scale type at every opset this
         # emits), then Cast to the weight's own type, so the consumer sees the type it was exported with
-        dq_out = name if wtype == TensorProto.FLOAT else _unique(f"{name}_dq", taken)
+        dq_out = name if wtype == TensorProto.FLOAT else unique_name(f"{name}_dq", taken)
         dq_nodes.append(
             helper.make_node(
-                "DequantizeLinear", [q_name, s_name], [dq_out], name=_unique(f"{name}_DequantizeLinear", taken), **attrs
+                "DequantizeLinear", [q_name, s_name], [dq_out], name=unique_name(f"{name}_DequantizeLinear", taken), **attrs
             )
         )
         if dq_out != name:
-            dq_nodes.append(helper.make_node("Cast", [dq_out], [name], to=wtype, name=_unique(f"{name}_Cast", taken)))
+            dq_nodes.append(helper.make_node("Cast", [dq_out], [name], to=wtype, name=unique_name(f"{name}_Cast", taken)))
     # DQ nodes read only initializers, so placing them first keeps the node list topologically sorted.
     nodes = dq_nodes + list(graph.node)
     del graph.node[:]

@@ -1,6 +1,7 @@
 """Weight chains folded into initializers: a MatMul / Gemm / Conv weight reached through Identity / Transpose /
-Cast / Constant nodes becomes one initializer in the layout the node reads, and weights inside If branches (at any
-depth) become main-graph initializers the branch reads from the outer scope (branches.py captures those layers)."""
+Cast / Constant nodes becomes one initializer in the layout the node reads, and weights inside If branches and Loop
+bodies (at any depth) become main-graph initializers the body reads from the outer scope (branches.py captures
+those layers)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from onnxspfq.io import DERIVED, Model, as_model
 from onnxspfq.layers import WEIGHT_OPS
 
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
+BODY_OPS = ("If", "Loop")  # sub-graphs whose weights are lifted (branches.py captures their layers; not Scan)
 
 
 def _constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
@@ -69,9 +71,9 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
 
     The folded tensor keeps the chain's output name; chain nodes and initializers left unused are removed. For a
     Model the folded values are computed when read (nothing is materialised); for a proto they are stored in it.
-    Weights inside If branches (at any depth) become main-graph initializers that the branch reads from the outer
-    scope (the same model to onnxruntime): the capture feeds them and the emitters write them like any other
-    weight (branches.py finds and captures those layers). Loop / Scan bodies are left as they are.
+    Weights inside If branches and Loop bodies (at any depth) become main-graph initializers that the body reads
+    from the outer scope (the same model to onnxruntime): the capture feeds them and the emitters write them like
+    any other weight (branches.py finds and captures those layers). Scan bodies are left as they are.
     """
     as_proto = isinstance(model, onnx.ModelProto)
     src = as_model(model)
@@ -84,12 +86,12 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
         node.name = name
     main_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
     _fold_graph(g, [g], out, as_proto, main_names)
-    if any(n.op_type == "If" for _, _, n in walk_nodes(g)):
+    if any(n.op_type in BODY_OPS for _, _, n in walk_nodes(g)):
         taken = {n.name for _, _, n in walk_nodes(g)}
 
         def branches(graph: onnx.GraphProto, scopes: list[onnx.GraphProto]) -> None:
             for node in graph.node:
-                for _, body in (bodies(node) if node.op_type == "If" else []):
+                for _, body in (bodies(node) if node.op_type in BODY_OPS else []):
                     _name_nodes(body, taken)
                     _fold_graph(body, scopes + [body], out, as_proto, main_names)
                     branches(body, scopes + [body])
@@ -99,8 +101,8 @@ def fold_weight_chains(model: Model | onnx.ModelProto) -> Model | onnx.ModelProt
 
 
 def _name_nodes(g: onnx.GraphProto, taken: set[str]) -> None:
-    """Give the nodes of a branch names unique in the whole model (a view of the model inlines them next to the
-    main graph's nodes, and the emitters find a layer's node by name)."""
+    """Name a body's unnamed (or, within the body, repeated) nodes with names unused in the whole model: a view
+    inlines them beside the main graph's nodes, and the emitters find a layer's node by name."""
     seen: set[str] = set()
     for i, node in enumerate(g.node):
         if node.name and node.name not in seen:

@@ -42,6 +42,15 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return out
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2` ... : the first not in `taken`, which it joins."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     """The sub-graphs of a node (If branches, Loop / Scan bodies) as (attribute name, graph)."""
     out = []

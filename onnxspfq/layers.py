@@ -248,6 +248,7 @@ class Layer:
     weight_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     input_shape: tuple[int | None, ...] | None = None
     shared_with: list[str] = field(default_factory=list)
+    stacked: bool = False  # the input arrives as [iterations, *input]: a Loop body's layer (branches.py)
 
     @property
     def kind(self):
@@ -305,6 +306,8 @@ class Layer:
     def rows(self, x: np.ndarray, pick: Pick = lambda total: None) -> np.ndarray:
         """The layer's input `x` (one batch) as rows X with X @ W.T = the node's output before bias (per group:
         the columns of group g are [g * n0, (g + 1) * n0)); `pick` subsamples convolution patches."""
+        if self.stacked:  # a Loop body's input over its iterations: every iteration's rows
+            x = np.asarray(x).reshape((-1,) + tuple(np.shape(x)[2:]))
         return self.kind.rows(self, x, pick)
 
     def nm_groups(self, n: int, m: int) -> tuple[np.ndarray | None, str]:

@@ -194,22 +194,30 @@ def branchy(width: int = 16, inline: str | None = None, nested: bool = False, se
     return _model(nodes, inputs, [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
 
 
-def looped(width: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """x [N, width] -> MatMul W0 -> Loop (2 iterations, body: MatMul L1 on the carried value) -> y: a layer in a
-    loop body, which the pass leaves in float."""
+def looped(width: int = 8, seed: int = 0, nested_if: bool = False) -> onnx.ModelProto:
+    """x [N, width] -> MatMul W0 -> Loop (2 iterations; body: v -> MatMul L1 -> Relu -> MatMul L2, carried) -> y:
+    layers inside a loop body, their input different in every iteration. nested_if: the body's L2 MatMul sits in
+    an If inside the body (a layer the capture does not reach)."""
     from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(seed)
-    W0 = rng.standard_normal((width, width)).astype(np.float32)
-    L1 = rng.standard_normal((width, width)).astype(np.float32)
+    W0, L1, L2 = ((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32) for _ in range(3))
+    second = [h.make_node("MatMul", ["r", "L2"], ["v_sub" if nested_if else "v_out"], name="l_mm2")]
+    if nested_if:
+        sub = h.make_graph(second, "sub", [], [h.make_tensor_value_info("v_sub", TensorProto.FLOAT, None)])
+        second = [h.make_node("Constant", [], ["yes"], value=h.make_tensor("y", TensorProto.BOOL, [], [True]),
+                              name="l_yes"),
+                  h.make_node("If", ["yes"], ["v_out2"], then_branch=sub, else_branch=sub, name="l_if"),
+                  h.make_node("Identity", ["v_out2"], ["v_out"], name="l_id")]
     body = h.make_graph(
         [h.make_node("Identity", ["cond_in"], ["cond_out"], name="l_cond"),
-         h.make_node("MatMul", ["v_in", "L1"], ["v_out"], name="l_mm")],
+         h.make_node("MatMul", ["v_in", "L1"], ["m1"], name="l_mm1"),
+         h.make_node("Relu", ["m1"], ["r"], name="l_relu")] + second,
         "body", [h.make_tensor_value_info("i", TensorProto.INT64, []),
                  h.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
                  h.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
         [h.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         h.make_tensor_value_info("v_out", TensorProto.FLOAT, None)], [nh.from_array(L1, "L1")])
+         h.make_tensor_value_info("v_out", TensorProto.FLOAT, None)], [nh.from_array(L1, "L1"), nh.from_array(L2, "L2")])
     nodes = [h.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
              h.make_node("Constant", [], ["trips"], value=h.make_tensor("t", TensorProto.INT64, [], [2]), name="trips"),
              h.make_node("Constant", [], ["go"], value=h.make_tensor("g", TensorProto.BOOL, [], [True]), name="go"),
