@@ -21,7 +21,7 @@ from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
 from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.evaluate import evaluate
+from onnxspfq.evaluate import evaluate, held_out_source
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, load_model, weightless
 from onnxspfq.fold import fold_weight_chains
@@ -214,8 +214,9 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
     batches = [] if calib is None else load_calibration(
         calib, model.proto, samples=config.samples, batch_size=config.batch_size, image_preprocess=image_preprocess,
         batch_axes=batch_axes)
-    held_out = None if eval_data is None else load_calibration(
-        eval_data, model.proto, batch_size=config.batch_size, image_preprocess=image_preprocess, batch_axes=batch_axes)
+    held_out = None if eval_data is None else load_calibration(  # read as `onnxspfq evaluate --data` reads it
+        held_out_source(eval_data, model.proto)[0], model.proto, batch_size=config.batch_size,
+        image_preprocess=image_preprocess, batch_axes=batch_axes)
     if batches and view is not model:  # the layers of the If branches the calibration data takes
         view, inner = taken_view(model, batches)
         layers, skipped, inner = view_layers(view, config.skip, inner, strict=False)

@@ -309,6 +309,25 @@ def _per_shape(refs: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarra
     return res
 
 
+def held_out_source(data, model: onnx.ModelProto) -> tuple[object, np.ndarray | None]:
+    """(inputs to read, labels) of held-out data: an .npz may hold keys besides the model inputs (labels, stored
+    reference outputs), which are set aside; any other source is read as calibration data is."""
+    from onnxspfq.calib import model_inputs
+
+    if not str(data).endswith(".npz"):
+        return data, None
+    try:
+        with np.load(data) as z:
+            arrays = {k_: z[k_] for k_ in z.files}
+    except (OSError, ValueError) as err:
+        raise OnnxspfqError(f"cannot read data file {data}: {err}") from None
+    y = arrays.pop("labels", None)
+    inputs = {s.name for s in model_inputs(model)}
+    if inputs <= set(arrays):  # else load_calibration names the missing input
+        arrays = {k_: v for k_, v in arrays.items() if k_ in inputs}
+    return arrays, y
+
+
 def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str | None = None,
                    samples: int | None = None, batch_size: int = 64, output: str | None = None,
                    task: str = "auto", k: int = 10, image_preprocess=None,
@@ -319,7 +338,7 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
     `json_path`: where the caller will write the figures; checked here, before any work, against every input.
     """
     from onnxspfq import output_files
-    from onnxspfq.calib import load_calibration, model_inputs, source_files
+    from onnxspfq.calib import load_calibration, source_files
     from onnxspfq.graph import load_model
 
     if task not in TASKS:
@@ -328,19 +347,7 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
     compressed = load_model(compressed_path)  # clear errors for a bad second file too
     output_files.check({"--json": json_path}, float_model.files() + compressed.files() + source_files(data)
                        + ([labels] if labels else []))
-    source: object = data
-    y = None
-    if str(data).endswith(".npz"):
-        try:
-            with np.load(data) as z:
-                arrays = {k_: z[k_] for k_ in z.files}
-        except (OSError, ValueError) as err:
-            raise OnnxspfqError(f"cannot read data file {data}: {err}") from None
-        y = arrays.pop("labels", None)
-        inputs = {s.name for s in model_inputs(float_model.proto)}
-        if inputs <= set(arrays):  # else load_calibration names the missing input
-            arrays = {k_: v for k_, v in arrays.items() if k_ in inputs}
-        source = arrays
+    source, y = held_out_source(data, float_model.proto)
     if labels is not None:
         try:
             y = np.load(labels)

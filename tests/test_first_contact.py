@@ -185,3 +185,18 @@ def test_eval_data_measures_the_final_check_on_held_out_inputs(tmp_path, fmnist_
     assert r["agreement_data"].startswith("held out") and r["agreement"]["samples"] == 300
     direct = evaluate(str(fmnist_mlp), str(tmp_path / "q.onnx"), [{"input": x}])
     assert r["agreement"]["cosine"] == pytest.approx(direct.cosine, rel=1e-6)
+
+
+def test_eval_data_reads_an_npz_as_evaluate_does(tmp_path):
+    """--eval-data takes the file `onnxspfq evaluate --data` takes: labels and stored outputs beside the inputs."""
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp([6, 5, 3]), str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 6)).astype(np.float32))
+    np.savez(tmp_path / "e.npz", x=rng.standard_normal((20, 6)).astype(np.float32), labels=np.arange(20) % 3,
+             logits=np.zeros((20, 3), np.float32))
+    rep = tmp_path / "r.json"
+    assert main(["compress", str(path), "--calib", str(tmp_path / "c.npz"), "--eval-data", str(tmp_path / "e.npz"),
+                 "-o", str(tmp_path / "q.onnx"), "--report", str(rep), "-q"]) == 0
+    r = json.loads(rep.read_text())
+    assert r["agreement_data"].startswith("held out") and r["agreement"]["samples"] == 20
