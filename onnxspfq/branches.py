@@ -20,14 +20,10 @@ import onnx
 from onnx import helper
 
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import bodies, find_layers, unique_name, needed_nodes, node_reads, sub_model, walk_nodes, weightless
+from onnxspfq.graph import (bodies, find_layers, needed_nodes, node_reads, sub_model, unique_name, walk_nodes,
+                            weightless)
 from onnxspfq.io import Model, session
 from onnxspfq.layers import WEIGHT_OPS, Layer, ineligible, make_layer
-
-
-def inner_layers(graph: onnx.GraphProto) -> list[tuple[str, onnx.NodeProto]]:
-    """(where, node) of every MatMul / Gemm / Conv / ConvTranspose inside the sub-graphs of `graph`'s nodes."""
-    return [(where, n) for where, _, n in walk_nodes(graph) if where and n.op_type in WEIGHT_OPS]
 
 
 def holds_layers(node: onnx.NodeProto) -> bool:
@@ -177,7 +173,7 @@ def _inline(g: onnx.GraphProto, node: onnx.NodeProto, branches: list[onnx.GraphP
 
 
 def view_layers(view: Model, skip: list[str], inner: list[dict], strict: bool = True
-            ) -> tuple[list[Layer], list[dict], list[dict]]:
+                ) -> tuple[list[Layer], list[dict], list[dict]]:
     """The view's layers in topological order (a Loop body's at its Loop's place) and what is left alone.
     strict: refuse --skip names the view does not hold (the all-branch view holds every node)."""
     present = {n.name for _, _, n in walk_nodes(view.graph)}
