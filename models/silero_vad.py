@@ -87,36 +87,32 @@ def stream(files: list[Path], rate: int, seconds: float) -> np.ndarray:
     return np.concatenate(parts)[: int(seconds * rate)]
 
 
-def chunk_feeds(session, audio: np.ndarray, rate: int, chunk: int, context: int, n: int) -> dict[str, np.ndarray]:
-    """n chunks of `audio` as silero's wrapper feeds them, the state carried by the float model."""
-    state = np.zeros((2, 1, 128), np.float32)
-    ctx = np.zeros(context, np.float32)
-    inputs, states = [], []
-    for i in range(n):
-        x = np.concatenate([ctx, audio[i * chunk:(i + 1) * chunk]])[None, :]
-        inputs.append(x[0])
-        states.append(state[:, 0])
-        _, state = session.run(None, {"input": x, "state": state, "sr": np.array(rate, np.int64)})
-        ctx = x[0, -context:]
-    return {"input": np.stack(inputs), "state": np.stack(states, axis=1), "sr": np.array(rate, np.int64)}
-
-
-def stream_probs(model: str, audio: np.ndarray, tag: str, n: int) -> np.ndarray:
-    """Speech probability of each of n chunks of `audio` at rate `tag`, the model carrying its OWN state from
-    chunk to chunk (how silero is deployed: a compressed model's errors feed back through the LSTM)."""
+def _run_stream(model: str, audio: np.ndarray, tag: str, n: int):
+    """Per chunk of `audio` at rate `tag`, as silero's OnnxWrapper feeds it: (input, state fed, speech probability),
+    the model carrying its OWN state from chunk to chunk (how silero is deployed: a compressed model's errors feed
+    back through the LSTM)."""
     import onnxruntime as ort
 
     rate, chunk, context = RATES[tag]
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     state = np.zeros((2, 1, 128), np.float32)
     ctx = np.zeros(context, np.float32)
-    out = np.empty(n)
     for i in range(n):
         x = np.concatenate([ctx, audio[i * chunk:(i + 1) * chunk]])[None, :]
-        p, state = sess.run(None, {"input": x, "state": state, "sr": np.array(rate, np.int64)})
-        out[i] = float(p.reshape(-1)[0])
-        ctx = x[0, -context:]
-    return out
+        p, new_state = sess.run(None, {"input": x, "state": state, "sr": np.array(rate, np.int64)})
+        yield x[0], state[:, 0], float(p.reshape(-1)[0])
+        state, ctx = new_state, x[0, -context:]
+
+
+def chunk_feeds(model: str, audio: np.ndarray, tag: str, n: int) -> dict[str, np.ndarray]:
+    """n chunks of `audio` as calibration samples, the state carried by the float model."""
+    inputs, states, _ = zip(*_run_stream(model, audio, tag, n))
+    return {"input": np.stack(inputs), "state": np.stack(states, axis=1), "sr": np.array(RATES[tag][0], np.int64)}
+
+
+def stream_probs(model: str, audio: np.ndarray, tag: str, n: int) -> np.ndarray:
+    """Speech probability of each of n chunks of `audio`, the model carrying its own state."""
+    return np.array([p for _, _, p in _run_stream(model, audio, tag, n)])
 
 
 def held_out_stream(tag: str, n: int = EVAL_CHUNKS) -> np.ndarray:
@@ -129,15 +125,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
-    import onnxruntime as ort
-
-    model = fetch_model(args.out)
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    model = str(fetch_model(args.out))
     calib, held = prompts()
-    for tag, (rate, chunk, context) in RATES.items():
+    for tag, (rate, chunk, _) in RATES.items():
         for name, files, n in (("calib", calib, CALIB_CHUNKS), ("eval", held, EVAL_CHUNKS)):
             audio = stream(files, rate, n * chunk / rate + 1)
-            feeds = chunk_feeds(sess, audio, rate, chunk, context, n)
+            feeds = chunk_feeds(model, audio, tag, n)
             path = args.out / f"silero_{tag}_{name}.npz"
             np.savez(path, **feeds)
             print(f"{path}: {n} chunks, input {feeds['input'].shape}")

@@ -280,7 +280,7 @@ class Capture:
                 X = np.concatenate([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
                 same = all(xt is x for x, xt in pending)  # X~ = X (no compressed weight before): one product
                 Xt = X if same else (np.concatenate([p[1] for p in pending]) if len(pending) > 1 else pending[0][1])
-                Grams.add_groups(out, X, X if same else Xt)
+                Grams.add_groups(out, X, Xt)
                 pending.clear()
 
         for b, (hf, hc) in enumerate(held):

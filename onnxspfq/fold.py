@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxspfq.graph import bodies, node_names, used_names, walk_nodes
+from onnxspfq.graph import bodies, node_names, unique_name, used_names, walk_nodes
 from onnxspfq.io import DERIVED, Model, as_model
 from onnxspfq.layers import WEIGHT_OPS
 
@@ -108,20 +108,15 @@ def _name_nodes(g: onnx.GraphProto, taken: set[str]) -> None:
         if node.name and node.name not in seen:
             seen.add(node.name)
             continue
-        base = f"{g.name or 'body'}/{node.op_type}_{i}"
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        taken.add(name)
-        seen.add(name)
+        node.name = unique_name(f"{g.name or 'body'}/{node.op_type}_{i}", taken)
+        seen.add(node.name)
 
 
 def _fold_graph(g: onnx.GraphProto, scopes: list[onnx.GraphProto], out: Model, as_proto: bool,
                 main_names: set[str]) -> None:
-    """Fold the weight chains of graph `g` = scopes[-1] (scopes: the main graph, then the enclosing If branches).
-    In a branch, folded weights and weight initializers of the branch or of an enclosing branch move to the main
-    graph, renamed (with every read in their scope) where the name is taken there."""
+    """Fold the weight chains of graph `g` = scopes[-1] (scopes: the main graph, then the enclosing If branches /
+    Loop bodies). In a body, folded weights and weight initializers of the body or of an enclosing body move to the
+    main graph, renamed (with every read in their scope) where the name is taken there."""
     main = scopes[0]
     local = {t.name: (owner, t) for owner in scopes[1:] for t in owner.initializer}
     inits = {**{t.name: t for t in main.initializer}, **{k: t for k, (_, t) in local.items()}}
@@ -145,9 +140,7 @@ def _fold_graph(g: onnx.GraphProto, scopes: list[onnx.GraphProto], out: Model, a
             continue
         new = t
         if t in graph_outputs or (g is not main and t in main_names):
-            new, k = f"{t}_folded", 1
-            while new in all_names:
-                new, k = f"{t}_folded_{k}", k + 1
+            new = unique_name(f"{t}_folded", all_names)
         elif t not in local:
             drop_nodes.add(producers[t].name)
         all_names.add(new)

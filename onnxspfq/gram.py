@@ -37,14 +37,13 @@ class Grams:
             raise ValueError(f"expected two (m, {self.n0}) arrays, got {X.shape} and {Xt.shape}")
         with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: prepared.prepare names the problem
             F = X.T @ X
-            self.F += F
-            if same:
-                self.H += F
-                self.G += F
-            else:
-                self.H += Xt.T @ Xt
-                self.G += Xt.T @ X
-        self.m += X.shape[0]
+            self._fold(F, F if same else Xt.T @ Xt, F if same else Xt.T @ X, X.shape[0])
+
+    def _fold(self, F: np.ndarray, H: np.ndarray, G: np.ndarray, m: int) -> None:
+        self.F += F
+        self.H += H
+        self.G += G
+        self.m += m
 
     @staticmethod
     def add_groups(grams: list["Grams"], X: np.ndarray, Xt: np.ndarray) -> None:
@@ -72,11 +71,7 @@ class Grams:
                     b = np.ascontiguousarray(Xt3[:, lo:hi].transpose(1, 0, 2), dtype=np.float64)
                     H, G = b.transpose(0, 2, 1) @ b, b.transpose(0, 2, 1) @ a
                 for i in range(hi - lo):
-                    gram = grams[lo + i]
-                    gram.F += F[i]
-                    gram.H += F[i] if same else H[i]
-                    gram.G += F[i] if same else G[i]
-                    gram.m += m
+                    grams[lo + i]._fold(F[i], F[i] if same else H[i], F[i] if same else G[i], m)
 
     @classmethod
     def identity(cls, n0: int) -> "Grams":

@@ -33,10 +33,7 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     for i, node in enumerate(graph.node):
         name = node.name
         if not name or name in taken:
-            base = f"{node.op_type}_{i}"
-            name, k = base, 1
-            while name in taken or name in existing:
-                name, k = f"{base}_{k}", k + 1
+            name = unique_name(f"{node.op_type}_{i}", taken | existing)
         taken.add(name)
         out.append(name)
     return out

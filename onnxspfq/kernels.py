@@ -195,9 +195,9 @@ def _blas_local_threads():
     return None
 
 
-# Rows per task of the row scheduler. Tasks are pulled by whichever pool thread is free (a thread slowed by another
-# process no longer stalls the call: with one fixed chunk per thread the blocked phase II ran at 0.28x of a float32
-# GEMM under load), and their boundaries do not depend on the thread count, so neither do the bytes.
+# Rows per task of the row scheduler. Tasks are pulled by whichever pool thread is free, and their boundaries do not
+# depend on the thread count, so neither do the bytes. (Against one fixed chunk per thread this measured no change
+# beside one competing busy process, where the OS shares the cores evenly; it guards against a straggler thread.)
 TASK_ROWS = 128
 
 
