@@ -1,5 +1,5 @@
 """silero-vad, every Conv inside the If on the sample rate: compress the branch of each rate per method and bits,
-then run float and compressed models as deployed (a stream over the held-out prompts, each carrying its own LSTM
+and both branches by two runs; then run float and compressed models as deployed (a stream over the held-out prompts, each carrying its own LSTM
 state) and compare their speech decisions (p > 0.5) per chunk.
 
     python tools/bench_silero.py [--bits 4 8] [--methods spfq gpfq gptq rtn] [--chunks 2048]
@@ -51,6 +51,23 @@ def main() -> None:
                 print(f"{tag} {bits} bit {method:<5} decision agreement {np.mean(p == ref):.4f}  "
                       f"(teacher-forced output cosine {r.agreement.cosine:.5f}, {len(r.layers)} layers, "
                       f"{r.size_after / 1e6:.3f} MB)")
+    both_rates(model, d, args.chunks)
+
+
+def both_rates(model: str, d: Path, chunks: int) -> None:
+    """Both branches by two runs (the 16 kHz branch, then the 8 kHz one on that output), default settings."""
+    from onnxspfq.api import compress
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = str(Path(tmp) / "a.onnx"), str(Path(tmp) / "b.onnx")
+        compress(model, str(d / "silero_16k_calib.npz"), a, progress=False, batch_axes={"state": 1})
+        r = compress(a, str(d / "silero_8k_calib.npz"), b, progress=False, batch_axes={"state": 1}).report
+        for tag in sv.RATES:
+            audio = sv.held_out_stream(tag, chunks)
+            ref = sv.stream_probs(model, audio, tag, chunks) > 0.5
+            got = sv.stream_probs(b, audio, tag, chunks) > 0.5
+            print(f"both rates by two runs ({r.size_after / 1e6:.3f} MB): {tag} decision agreement "
+                  f"{np.mean(got == ref):.4f}")
 
 
 if __name__ == "__main__":
