@@ -97,8 +97,16 @@ def _stack(parts: list):
     rows_c = cat("c_alpha_row")
     return dataclasses.replace(parts[0], codes=cat("codes"), scale=cat("scale"), rel_error=cat("rel_error"),
                                sq_error=cat("sq_error"), clip_fraction=mean("clip_fraction"),
-                               sparsity=mean("sparsity"), c_alpha_row=rows_c, C=mean("C"),
+                               sparsity=mean("sparsity"), c_alpha_row=rows_c, C=mean("C"), form_row=cat("form_row"),
                                c_alpha=parts[0].c_alpha if rows_c is None else float(rows_c.mean()))
+
+
+def _path_shares(info, quant) -> str:
+    """Which path following each output channel kept (spfq): one name, or each name with its share of channels."""
+    if info.form_row is None:
+        return quant.route if info.method == "spfq" else ""
+    names, counts = np.unique(info.form_row, return_counts=True)
+    return " ".join(f"{n} {100 * c / counts.sum():.0f}%" for n, c in zip(names, counts))
 
 
 def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
@@ -263,7 +271,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 method=config.method, rel_error=_layer_rel_error(info, W, grams, layer.group_rows()),
                 clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
-                sparsity=float(np.mean(Q == 0)), note=note))
+                sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant), note=note))
             del W, Q, grams
     finally:
         capture.close()

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from onnxspfq.config import BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, CompressConfig, QuantConfig
+from onnxspfq.config import BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, PATHS, CompressConfig, QuantConfig
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -59,8 +59,12 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    f"stochastic rounding) [{QuantConfig.C}]")
     c.add_argument("--c-alpha", type=float, default=None, help="step = c_alpha * max|w| / K (default: chosen per "
                    "output channel, or per layer with --granularity layer or pruning, by the exact reconstruction error)")
-    c.add_argument("--operator", default=None, choices=OPERATORS, help="the operator T (spfq) [stochastic; "
-                   "nearest when pruning to 0.75 or more, where it measured better]")
+    c.add_argument("--operator", default=None, choices=OPERATORS, help="the operator T (spfq): stochastic is the "
+                   "SPFQ paper's unbiased rounding [nearest: it measured better on every model]")
+    c.add_argument("--path", default=None, choices=PATHS, help="spfq's path following: plain (the papers' merged / "
+                   "two-phase form), projected (each input column's error spread over the later columns through "
+                   "H^-1, OPTQ's update), best (both; each output channel keeps the smaller exact error) "
+                   "[projected at 3-8 bits, best at 1-2 bits, plain when pruning: measured best, README]")
     c.add_argument("--granularity", default=None, choices=GRANULARITIES, help="one step per output channel, "
                    "per layer, or per block along the reduction axis (MatMul/Gemm only) "
                    f"[{QuantConfig.granularity}]")
@@ -71,8 +75,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
     c.add_argument("--draws", type=int, default=None, help="stochastic T: keep per channel the best of this many "
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
-    c.add_argument("--act-order", action="store_true", help="path following / GPTQ over the input columns in "
-                   "decreasing order of their energy (largest inputs first; not with N:M or block granularity)")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="path following / "
+                   "GPTQ over the input columns in decreasing order of their energy (largest inputs first; not with "
+                   "N:M or block granularity) [on for spfq's projected path where allowed, off for the baselines]")
     c.add_argument("--damp", type=float, default=None, help=f"GPTQ Hessian damping [{QuantConfig.damp}]")
     c.add_argument("--seed", type=int, default=CompressConfig.seed, help="randomness seed: the same seed and input "
                    "give the same bytes")
@@ -173,10 +178,10 @@ def _compress(a: argparse.Namespace) -> None:
     sparsity, nm = (0.0, a.sparsity) if isinstance(a.sparsity, tuple) else (a.sparsity or 0.0, None)
     bits = a.bits if a.bits is not None or a.sparsity is not None else 4
     fmt = a.format or ("qdq" if bits is not None else "sparse")
-    given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "granularity": a.granularity,
+    given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "granularity": a.granularity,
              "block_size": a.block_size, "order": a.order, "damp": a.damp, "draws": a.draws,
              "perfect_alignment": a.perfect_alignment or None, "refit_scale": a.refit_scale or None,
-             "act_order": a.act_order or None}
+             "act_order": a.act_order}
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,

@@ -10,6 +10,7 @@ from onnxspfq.errors import OnnxspfqError
 BITS = (8, 4, 3, 2, 1)
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
 OPERATORS = ("stochastic", "nearest")
+PATHS = ("plain", "projected", "best")
 GRANULARITIES = ("channel", "layer", "block")
 FORMATS = ("qdq", "float", "nbits", "sparse")
 
@@ -29,8 +30,14 @@ class QuantConfig:
     bits: stored bits (8, 4, 3, 2 = ternary, 1 = binary {-a, +a}).
     c_alpha: step-size multiplier on max|w| (None: chosen per layer by the exact Gram reconstruction error).
     C: SPFQ damping of the error correction (C = 1 is SPFQ, C -> inf is independent stochastic rounding).
-    operator: the operator T: "stochastic" (unbiased rounding) or "nearest" (deterministic); None (default): nearest
-        when pruning, else stochastic (see the field's comment for the measurement).
+    operator: the operator T: "stochastic" (unbiased rounding, the SPFQ paper's) or "nearest" (deterministic);
+        None (default): nearest (see the field's comment for the measurement).
+    path: which path following runs (spfq): "plain" (the papers' path following: merged form, or two-phase with
+        `order` / perfect alignment), "projected" (each X~_t projected off the later columns: the error of every
+        quantized column is spread over the later columns through H^-1, which is OPTQ's update; ALGORITHM.md section
+        6), or "best" (both; every output channel keeps the one with the smaller exact error). None (default):
+        projected at 3-8 bits, best at 1-2 bits; plain when pruning, or when a setting only the plain path has is
+        given (operator "stochastic", C != 1, order > 1, perfect_alignment; see the field's comment).
     granularity: one step per output channel, per layer, or per block of `block_size` along the reduction axis.
     order: alignment order r (1 = merged form; r > 1 = two-phase with r alignment passes).
     perfect_alignment: phase I solves the least-squares alignment exactly instead of r passes.
@@ -48,18 +55,23 @@ class QuantConfig:
     act_order: process the input columns in decreasing order of their energy diag(H) (GPTQ's act-order) instead of
         their stored order, so the largest-norm inputs are rounded first and the rest correct them. Any column order
         is a valid path following; channel / layer granularity without N:M only (blocks and N:M groups are defined
-        along the stored axis).
+        along the stored axis). None (default): on for spfq's projected and best paths where allowed (measured
+        better on MiniLM-L6, even on Fashion-MNIST: docs/RESULTS.md section 11), off for the baselines and the
+        plain path.
     bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
     bits: int | None = 4
     c_alpha: float | None = None
     C: float = 1.0
-    # None: "nearest" when pruning (unstructured or N:M), else "stochastic". Measured on the Fashion-MNIST CNN / MLP
-    # test set, 256 calibration images (docs/RESULTS.md section 7): pruning-only at 0.5 / 0.75 / 0.9 sparsity,
-    # stochastic T gave 89.7 / 10.6 / 9.2 % (CNN) where nearest gave 91.3 / 87.0 / 67.8 %; with 4 bits and 2:4 or
-    # 0.5 / 0.75 sparsity nearest won every case too. Quantization alone keeps stochastic (SPFQ's operator).
+    # None: "nearest". Pruning (docs/RESULTS.md section 7, Fashion-MNIST CNN test set): at 0.5 / 0.75 / 0.9 sparsity
+    # stochastic T gave 89.7 / 10.6 / 9.2 % where nearest gave 91.3 / 87.0 / 67.8 %; with 4 bits and 2:4 or 0.5 /
+    # 0.75 sparsity nearest won every case too. Quantization (section 11): with both operators offered per output
+    # channel, no MiniLM-L6 channel at 4 bits kept a stochastic draw (the exact error of nearest was smaller on every
+    # row), and the best of 8 stochastic draws still lost to nearest on every model (MiniLM 0.898 vs 0.978 cosine).
     operator: str | None = None
+    # None: "projected" at 3-8 bits, "best" at 1-2 bits, "plain" when pruning; measured in docs/RESULTS.md section 11
+    path: str | None = None
     granularity: str = "channel"
     block_size: int = 128
     order: int = 1
@@ -69,7 +81,7 @@ class QuantConfig:
     nm: tuple[int, int] | None = None
     refit_scale: bool = False
     draws: int | None = None
-    act_order: bool = False
+    act_order: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -86,6 +98,8 @@ class QuantConfig:
                                 "1e6) to damp the correction")
         if self.operator is not None and self.operator not in OPERATORS:
             raise OnnxspfqError(f"unknown operator {self.operator!r}: use one of {', '.join(OPERATORS)}")
+        if self.path is not None and self.path not in PATHS:
+            raise OnnxspfqError(f"unknown path {self.path!r}: use one of {', '.join(PATHS)}")
         if self.granularity not in GRANULARITIES:
             raise OnnxspfqError(f"unknown granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         if self.block_size < 1:
@@ -113,15 +127,32 @@ class QuantConfig:
     def effective(self) -> dict:
         """Every setting as it runs: the fields, with defaults that depend on others resolved."""
         d = asdict(self)
-        d["draws"], d["operator"] = self.n_draws, self.T
+        d["draws"], d["operator"], d["path"] = self.n_draws, self.T, self.route
         return d
 
     @property
     def T(self) -> str:
         """The operator T that runs (see `operator`)."""
-        if self.operator is not None:
-            return self.operator
-        return "nearest" if self.sparsity or self.nm else "stochastic"
+        return self.operator if self.operator is not None else "nearest"
+
+    @property
+    def route(self) -> str:
+        """The path following spfq runs (see `path`)."""
+        if self.path is not None:
+            return self.path
+        if self.sparsity or self.nm or self.bits is None:
+            return "plain"
+        # settings only the plain path has ask for it: the paper's SPFQ is --operator stochastic (stochastic rounding
+        # on the projected path measured far worse: MiniLM-L6 4-bit cosine 0.854 vs 0.898 plain, section 11)
+        if self.T == "stochastic" or self.order > 1 or self.perfect_alignment or self.C != 1.0:
+            return "plain"
+        return "best" if self.bits <= 2 else "projected"
+
+    def ordered(self, method: str) -> bool:
+        """Whether `method` runs the columns in act-order (see `act_order`)."""
+        if self.act_order is not None:
+            return self.act_order
+        return method == "spfq" and self.route != "plain" and self.granularity != "block" and self.nm is None
 
     @property
     def n_draws(self) -> int:
@@ -175,27 +206,33 @@ class CompressConfig:
         setting that silently does nothing misleads (a user who passes --C to rtn believes C was applied)."""
         q, base, m = self.quant, QuantConfig(), self.method
         spfq = m == "spfq"
+        plain = spfq and q.route != "projected"
         reads = {  # setting: (option, read by this run?, who reads it)
-            "C": ("--C", spfq and not self.auto_C, "only --method spfq reads it, and --auto-C chooses C itself"),
+            "C": ("--C", plain and not self.auto_C, "only --method spfq's plain path reads it (--path plain or "
+                  "best), and --auto-C chooses C itself"),
             "operator": ("--operator", spfq, f"only --method spfq uses an operator T ({m} rounds to nearest)"),
-            "order": ("--order", spfq, "only --method spfq has an alignment order"),
-            "perfect_alignment": ("--perfect-alignment", spfq, "only --method spfq aligns"),
+            "path": ("--path", spfq, f"only --method spfq chooses its path following ({m} has one)"),
+            "order": ("--order", plain, "only --method spfq's plain path (--path plain or best) has an alignment order"),
+            "perfect_alignment": ("--perfect-alignment", plain, "only --method spfq's plain path (--path plain or "
+                                  "best) aligns"),
             "draws": ("--draws", spfq and q.T == "stochastic",
                       "draws of xi exist only for --method spfq with --operator stochastic"),
             "refit_scale": ("--refit-scale", m != "rtn", "rtn stays the data-free baseline: no re-fit"),
             "act_order": ("--act-order", m != "rtn", "rtn rounds each weight alone: column order changes nothing"),
-            "damp": ("--damp", m == "gptq" or (spfq and q.perfect_alignment),
-                     "only --method gptq (and spfq with --perfect-alignment) damp a Hessian"),
+            "damp": ("--damp", m == "gptq" or (spfq and (q.perfect_alignment or q.route != "plain")),
+                     "only --method gptq (and spfq's projected path or --perfect-alignment) damp a Hessian"),
             "block_size": ("--block-size", q.granularity == "block", "it applies to --granularity block only"),
         }
         out = [(opt, why) for name, (opt, used, why) in reads.items()
                if not used and getattr(q, name) != getattr(base, name)]
-        if self.auto_C and not spfq:
-            out.append(("--auto-C", f"only --method spfq has a C to choose ({m} does not)"))
+        if self.auto_C and not plain:
+            out.append(("--auto-C", f"only --method spfq has a C to choose ({m} does not)" if not spfq else
+                        "C belongs to spfq's plain path, and this run takes the projected one (add --path plain or best)"))
         return out
 
     def effective(self) -> dict:
         """Every setting as it runs (the report's `effective`): defaults resolved, e.g. the number of draws."""
         d = asdict(self)
         d["quant"] = self.quant.effective()
+        d["quant"]["act_order"] = self.quant.ordered(self.method)
         return d

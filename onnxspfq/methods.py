@@ -28,7 +28,7 @@ from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
 from onnxspfq.operators import identity, nm_groups_for, select_operator
 from onnxspfq.prepared import LayerResult, Prepared, prepare
-from onnxspfq.search import c_candidates, run
+from onnxspfq.search import Form, c_candidates, run
 
 def _groups(config: QuantConfig, n0: int, nm_groups: np.ndarray | None) -> np.ndarray | None:
     """Validated N:M groups (n_groups, M) or None; consecutive groups when config.nm is set and none are given."""
@@ -77,7 +77,7 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     which ran. Otherwise C = config.C.
     """
     _check_rng(rng)
-    L = prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.ordered("spfq"))
     groups = _groups(config, L.W.shape[1], nm_groups)
     if L.same:
         Wt = L.W  # X~ = X: every alignment returns w itself (exact LS solution), so phase II on W
@@ -96,7 +96,11 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     T = _operator(config, config.T)
     stochastic = config.T == "stochastic" and T is not identity  # N:M prune only runs T = identity: no xi
     Cs = c_candidates(config.bits, L.W.shape[1]) if auto_C else (float(config.C),)
-    return run("spfq", L, config, rng, T, stochastic, core, Cs, groups)
+    forms = [] if config.route == "projected" else [Form("plain", core, T, stochastic, Cs)]
+    if config.route != "plain":
+        damp = max(config.damp, FEW_ROWS_DAMP) if stats.m < 2 * L.W.shape[1] else config.damp
+        forms.append(Form("projected", _optq_core(L, config, damp=damp), T, stochastic))
+    return run("spfq", L, config, rng, forms, groups)
 
 
 def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
@@ -104,7 +108,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     """GPFQ: deterministic path following (nearest T, C = 1, merged form); pruning = hard threshold (sparse GPFQ
     baseline) with the threshold fitted to the target sparsity; N:M decided inside the path following."""
     _check_rng(rng)
-    L = prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.ordered("gpfq"))
     groups = _groups(config, L.W.shape[1], nm_groups)
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
@@ -112,7 +116,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
             return kernels.blocked_phase2(L.W[rows], L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
         return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return run("gpfq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
+    return run("gpfq", L, config, rng, [Form("gpfq", core, _operator(config, "nearest"), False)], groups)
 
 
 def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generator, *,
@@ -121,30 +125,46 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     Pruning: hard threshold on the error-updated weights (threshold fitted to the target); N:M: SparseGPT's
     |w| / U_jj score when a group is reached."""
     _check_rng(rng)
-    L = prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.ordered("gptq"))
     groups = _groups(config, L.W.shape[1], nm_groups)
-    live = L.d > 0
+    return run("gptq", L, config, rng, [Form("gptq", _optq_core(L, config), _operator(config, "nearest"), False)],
+               groups)
+
+
+# spfq's projected path with fewer calibration rows than 2 N0: H is (near) singular, and OPTQ's projection moves
+# weights along input directions the calibration data never showed; a larger damping keeps them. Measured with
+# tools/bench_few_rows.py (docs/RESULTS.md section 11). The gptq baseline keeps config.damp as published.
+FEW_ROWS_DAMP = 0.1
+
+
+def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None):
+    """The OPTQ core: W with the error of each quantized column projected onto the later columns through the
+    upper Cholesky factor of the damped H^-1 (path following with each X~_t projected off the later columns).
+    damp: config.damp unless given."""
+    damp = config.damp if damp is None else damp
+    H, W, d = L.H, L.W, L.d
+    live = d > 0
     # Standard OPTQ: quantize W itself with the Hessian of the compressed model's inputs X~. Quantizing the
     # least-squares aligned W~ = (H + eps I)^-1 G w instead fits the calibration set's X -> X~ map and lost 2 points
     # of test accuracy on the Fashion-MNIST CNN even at 8 bits (89.7 % vs 91.7 %, docs/RESULTS_models.md).
-    target = np.where(live[None, :], L.W, 0.0)
-    Hd = L.H.copy()
+    target = np.ascontiguousarray(np.where(live[None, :], W, 0.0))
+    Hd = H.copy()
     dead = np.flatnonzero(~live)
     Hd[dead, dead] = 1.0
-    mean_d = float(L.d[live].mean()) if live.any() else 1.0
-    Hd[np.diag_indices_from(Hd)] += config.damp * mean_d
+    mean_d = float(d[live].mean()) if live.any() else 1.0
+    Hd[np.diag_indices_from(Hd)] += damp * mean_d
     try:
         Lc = np.linalg.cholesky(Hd)
         Li = np.linalg.inv(Lc)
         U = np.ascontiguousarray(np.linalg.cholesky(Li.T @ Li).T)  # upper factor of H^-1
     except np.linalg.LinAlgError:
-        raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {config.damp}: "
+        raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return run("gptq", L, config, rng, _operator(config, "nearest"), False, core, (1.0,), groups)
+    return core
 
 
 def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,
@@ -187,7 +207,7 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
     """Round to nearest on the same grid (data-free baseline; the Grams only feed the c_alpha choice and error).
     Pruning: magnitude pruning (unstructured per row, or N:M) first, then rounding of the survivors (or float)."""
     _check_rng(rng)
-    L = prepare(W, stats, config.act_order)
+    L = prepare(W, stats, config.ordered("rtn"))
     groups = _groups(config, L.W.shape[1], nm_groups)
     pruned = L.W
     if config.sparsity > 0 or groups is not None:
@@ -209,7 +229,7 @@ def rtn(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Generat
     grid = None
     if config.bits == 1 and config.c_alpha is None:
         grid = _mean_abs_grid(L.W, config.granularity, config.block_size)
-    return run("rtn", L, config, rng, None, False, core, (1.0,), None, grid=grid)  # numpy rounding, no operator
+    return run("rtn", L, config, rng, [Form("rtn", core, None, False)], None, grid=grid)  # numpy rounding, no operator
 
 
 METHODS = {"spfq": spfq, "gpfq": gpfq, "gptq": gptq, "rtn": rtn}

@@ -30,6 +30,7 @@ class LayerResult:
     c_alpha: the step multiplier used (None: no grid, or rtn's 1-bit a = mean|w|); when it was chosen per output
         channel (c_alpha None, channel / block granularity, no pruning), the mean of c_alpha_row.
     c_alpha_row: (N1,) the multiplier each channel kept when chosen per channel, else None.
+    form_row: (N1,) the name of the path-following form each channel kept when the method ran several, else None.
     method, bits, C: what ran (C: mean over channels when auto_C chose it per channel).
     sparsity: achieved fraction of exact zeros in Q (all N1 * N0 entries).
     threshold: (N1,) pruning threshold lambda_n used (unstructured pruning in spfq / gpfq / gptq), else None.
@@ -48,6 +49,7 @@ class LayerResult:
     sparsity: float = 0.0
     threshold: np.ndarray | None = None
     c_alpha_row: np.ndarray | None = None
+    form_row: np.ndarray | None = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ class LayerReport:
     sparsity: float = 0.0
     bits_per_weight: float = 0.0
     nm: str | None = None
+    path: str = ""  # spfq: the path following the channels kept (QuantConfig.path), with shares when they differ
     note: str = ""
 
 
@@ -73,7 +74,8 @@ class Report:
             bits = "-" if r.bits is None else str(r.bits)
             rows.append(f"{r.name[:32]:<32} {r.op:<6} {shape[:18]:<18} {bits:>4} {r.method:<6} "
                         f"{r.rel_error:>9.2e} {r.clip_fraction:>6.3f} {r.sparsity:>6.3f} {r.bits_per_weight:>5.2f} "
-                        f"{r.time_s:>7.2f}" + (f"  ({r.note})" if r.note else ""))
+                        f"{r.time_s:>7.2f}" + (f"  [{r.path}]" if "%" in r.path else "")
+                        + (f"  ({r.note})" if r.note else ""))
         for s in self.skipped:
             rows.append(f"{s['name'][:32]:<32} {s['op']:<6} left alone: {s['reason']}")
         rows.append("-" * len(head))

@@ -55,6 +55,17 @@ C_CANDIDATES_BINARY = (1.0, 2.0, 4.0)  # plus log(N0): the theory's choice to ke
 SPARSITY_TOL = 0.0025  # kappa is refined until the achieved zero fraction is within this of the target
 
 
+@dataclass(frozen=True)
+class Form:
+    """One path-following form a method can run on a row: its core, its operator T, whether T reads xi, and the
+    C values it tries. A method with several forms lets every row keep the form with the smallest exact error."""
+    name: str
+    core: Core
+    T: object
+    stochastic: bool
+    Cs: tuple[float, ...] = (1.0,)
+
+
 @dataclass
 class _Setting:
     C: float
@@ -62,6 +73,7 @@ class _Setting:
     scale: np.ndarray | None
     bs: int
     base: np.ndarray | None  # per-row base threshold (unstructured pruning)
+    form: int = 0  # index into Search.forms
 
 
 def _nearest_on_grid(W: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> np.ndarray:
@@ -166,56 +178,58 @@ def refit_scale(codes: np.ndarray, scale: np.ndarray, W: np.ndarray, H: np.ndarr
 
 
 
-def run(name: str, L: Prepared, config: QuantConfig, rng: np.random.Generator, T, stochastic: bool, core: Core,
-        Cs: tuple[float, ...], groups: np.ndarray | None, grid=None) -> tuple[np.ndarray, LayerResult]:
-    """The whole search for one layer (see the module docstring) around `core`; returns (Q, LayerResult).
+def run(name: str, L: Prepared, config: QuantConfig, rng: np.random.Generator, forms: list[Form],
+        groups: np.ndarray | None, grid=None) -> tuple[np.ndarray, LayerResult]:
+    """The whole search for one layer (see the module docstring) around the method's forms; returns (Q, LayerResult).
 
     grid: optional fixed (scale, bs) that replaces the c_alpha search (rtn's 1-bit mean|w|; c_alpha then None)."""
-    return Search(name, L, config, rng, T, stochastic, core, Cs, groups, grid)()
+    return Search(name, L, config, rng, forms, groups, grid)()
 
 
 class Search:
-    """One call's context: the prepared layer, the core, xi, the settings; each step of the search is a method."""
+    """One call's context: the prepared layer, the forms, xi, the settings; each step of the search is a method."""
 
-    def __init__(self, name: str, L: Prepared, config: QuantConfig, rng: np.random.Generator, T, stochastic: bool,
-                 core: Core, Cs: tuple[float, ...], groups: np.ndarray | None, grid=None) -> None:
-        self.name, self.L, self.config, self.rng, self.T, self.core = name, L, config, rng, T, core
-        self.stochastic, self.groups, self.grid, self.Cs = stochastic, groups, grid, Cs
+    def __init__(self, name: str, L: Prepared, config: QuantConfig, rng: np.random.Generator, forms: list[Form],
+                 groups: np.ndarray | None, grid=None) -> None:
+        self.name, self.L, self.config, self.rng, self.forms = name, L, config, rng, list(forms)
+        self.stochastic = any(f.stochastic for f in self.forms)
+        self.groups, self.grid = groups, grid
         self.N1, self.N0 = L.W.shape
-        self.xi = rng.random((self.N1, self.N0)) if stochastic else np.zeros((self.N1, self.N0))
+        self.xi = rng.random((self.N1, self.N0)) if self.stochastic else np.zeros((self.N1, self.N0))
         self.quant = config.bits is not None
         self.prune = config.sparsity > 0 and name != "rtn"
         self.nkeep = config.nm[0] if config.nm else 0
         self.live = L.d > 0
-        self.base = base_threshold(L.W, config.sparsity, stochastic, self.live) if self.prune else None
+        self.base = base_threshold(L.W, config.sparsity, self.stochastic, self.live) if self.prune else None
         self.everything = np.arange(self.N1)
 
     def __call__(self) -> tuple[np.ndarray, LayerResult]:
         settings = self.settings()
         if self.per_row(settings):
-            Qk, V, st, C_row, c_row = self.pick_per_row(settings)
+            Qk, V, st, C_row, c_row, f_row = self.pick_per_row(settings)
             kappa = 1.0
         else:
             Qk, V, st, kappa = self.pick_on_sample(settings)
-            C_row, c_row = np.full(self.N1, st.C), None
+            C_row, c_row, f_row = np.full(self.N1, st.C), None, np.full(self.N1, st.form)
         P = self.params(st, kappa)
         if self.stochastic and self.config.n_draws > 1 and not self.prune:
-            Qk, V = self.best_of_draws(Qk, V, P, st, C_row)
-        return self.finish(Qk, V, P, st, kappa, c_row)
+            Qk, V = self.best_of_draws(Qk, V, P, st, C_row, f_row)
+        return self.finish(Qk, V, P, st, kappa, c_row, f_row)
 
     # ---------------------------------------------------------------------------------------------- the settings
     def settings(self) -> list[_Setting]:
-        """Every (C, c_alpha) candidate with its steps (a fixed grid, or no grid when pruning only)."""
+        """Every (form, C, c_alpha) candidate with its steps (a fixed grid, or no grid when pruning only)."""
         config, out = self.config, []
-        for C in self.Cs:
-            if self.grid is not None:
-                out.append(_Setting(float(C), None, self.grid[0], int(self.grid[1]), self.base))
-            elif self.quant:
-                for c in _candidates(config, self.stochastic):
-                    scale, bs = step_sizes(self.L.W, config.bits, c, config.granularity, config.block_size)
-                    out.append(_Setting(float(C), float(c), scale, int(bs), self.base))
-            else:
-                out.append(_Setting(float(C), None, None, self.N0, self.base))
+        for f, form in enumerate(self.forms):
+            for C in form.Cs:
+                if self.grid is not None:
+                    out.append(_Setting(float(C), None, self.grid[0], int(self.grid[1]), self.base, f))
+                elif self.quant:
+                    for c in _candidates(config, form.stochastic):
+                        scale, bs = step_sizes(self.L.W, config.bits, c, config.granularity, config.block_size)
+                        out.append(_Setting(float(C), float(c), scale, int(bs), self.base, f))
+                else:
+                    out.append(_Setting(float(C), None, None, self.N0, self.base, f))
         return out
 
     def params(self, st: _Setting, kappa: float) -> np.ndarray:
@@ -226,14 +240,15 @@ class Search:
             return grid_params(st.scale, self.config.bits)
         return prune_params(None, None, np.zeros(self.N1), (self.N1, 1))  # N:M prune only: identity T, no range
 
-    def run(self, rows: np.ndarray, P: np.ndarray, bs: int, C: float, draw: np.ndarray | None = None):
-        """The core on `rows` with the given parameters and draw of xi (this call's xi by default)."""
+    def run(self, rows: np.ndarray, P: np.ndarray, bs: int, C: float, form: int, draw: np.ndarray | None = None):
+        """A form's core on `rows` with the given parameters and draw of xi (this call's xi by default)."""
         draw = self.xi if draw is None else draw
-        return self.core(rows, self.T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), bs, C,
-                         self.groups, self.nkeep)
+        f = self.forms[form]
+        return f.core(rows, f.T, np.ascontiguousarray(draw[rows]), np.ascontiguousarray(P[rows]), bs, C,
+                      self.groups, self.nkeep)
 
     def evaluate(self, st: _Setting, kappa: float, rows: np.ndarray):
-        return self.run(rows, self.params(st, kappa), st.bs, st.C)
+        return self.run(rows, self.params(st, kappa), st.bs, st.C, st.form)
 
     # -------------------------------------------------------------------------------------------------- the pick
     def per_row(self, settings: list[_Setting]) -> bool:
@@ -257,9 +272,10 @@ class Search:
             del Qs, Vs
         C_row = np.array([st.C for st in settings])[pick]
         c_row = np.array([st.c_alpha for st in settings])[pick]
+        f_row = np.array([st.form for st in settings])[pick]
         st = _Setting(float(np.mean(C_row)), float(np.mean(c_row)),
                       np.stack([st.scale for st in settings])[pick, self.everything], settings[0].bs, None)
-        return Qk, V, st, C_row, c_row
+        return Qk, V, st, C_row, c_row, f_row
 
     def pick_on_sample(self, settings: list[_Setting]):
         """One setting for the whole layer, chosen on at most SEARCH_ROWS evenly spaced rows (fitting the pruning
@@ -294,22 +310,26 @@ class Search:
             Qk, V = self.evaluate(st, kappa, self.everything)
         return Qk, V, st, kappa
 
-    def best_of_draws(self, Qk, V, P: np.ndarray, st: _Setting, C_row: np.ndarray):
-        """config.n_draws - 1 further independent draws of xi; each neuron keeps its best (own setting kept)."""
+    def best_of_draws(self, Qk, V, P: np.ndarray, st: _Setting, C_row: np.ndarray, f_row: np.ndarray):
+        """config.n_draws - 1 further independent draws of xi for the rows whose form is stochastic; each neuron keeps
+        its best (own setting and form kept)."""
         Qk, V = np.array(Qk), np.array(V)
         sq = self.L.error(Qk)[0]
+        runs = [(f, C) for f in np.unique(f_row) if self.forms[f].stochastic
+                for C in np.unique(C_row[f_row == f])]
         for _ in range(self.config.n_draws - 1):
             draw = self.rng.random((self.N1, self.N0))
-            for C in np.unique(C_row):
-                rows = np.flatnonzero(C_row == C)
-                Qd, Vd = self.run(rows, P, st.bs, float(C), draw)
+            for f, C in runs:
+                rows = np.flatnonzero((C_row == C) & (f_row == f))
+                Qd, Vd = self.run(rows, P, st.bs, float(C), int(f), draw)
                 sqd = self.L.error(Qd, rows)[0]
                 won = sqd < sq[rows]
                 Qk[rows[won]], V[rows[won]], sq[rows[won]] = Qd[won], Vd[won], sqd[won]
         return Qk, V
 
     # ------------------------------------------------------------------------------------------------ the result
-    def finish(self, Qk, V, P: np.ndarray, st: _Setting, kappa: float, c_row) -> tuple[np.ndarray, LayerResult]:
+    def finish(self, Qk, V, P: np.ndarray, st: _Setting, kappa: float, c_row,
+               f_row: np.ndarray) -> tuple[np.ndarray, LayerResult]:
         """Dead columns rounded, integer codes, the optional step re-fit, exact errors, the caller's column order."""
         L, config, live = self.L, self.config, self.live
         if self.quant:
@@ -333,5 +353,6 @@ class Search:
         info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
                            clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=self.name,
                            bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),
-                           threshold=(kappa * st.base) if self.prune else None, c_alpha_row=c_row)
+                           threshold=(kappa * st.base) if self.prune else None, c_alpha_row=c_row,
+                           form_row=(np.array([self.forms[f].name for f in f_row]) if len(self.forms) > 1 else None))
         return Q, info

@@ -200,7 +200,7 @@ CASES = [
     ("refit-with-rtn", C + ["--method", "rtn", "--refit-scale"], None, ["--refit-scale", "rtn"]),
     ("act-order-with-rtn", C + ["--method", "rtn", "--act-order"], None, ["--act-order", "rtn"]),
     ("auto-C-with-gptq", C + ["--method", "gptq", "--auto-C"], None, ["--auto-C", "gptq"]),
-    ("damp-with-spfq", C + ["--damp", "0.1"], None, ["--damp", "gptq"]),
+    ("damp-with-spfq-plain", C + ["--path", "plain", "--damp", "0.1"], None, ["--damp", "gptq"]),
     ("order-with-gpfq", C + ["--method", "gpfq", "--order", "2"], None, ["--order", "spfq"]),
     ("block-size-without-block", C + ["--block-size", "64"], None, ["--block-size", "granularity block"]),
     # contradictory settings
@@ -313,7 +313,7 @@ def test_sigterm_mid_run_leaves_nothing(ws):
 
     out = ws / "out" / "q.onnx"
     p = subprocess.Popen([sys.executable, "-m", "onnxspfq", "compress", str(ws / "m.onnx"), "--calib",
-                          str(ws / "c.npz"), "-o", str(out), "--bits", "2", "--draws", "256"],
+                          str(ws / "c.npz"), "-o", str(out), "--bits", "2", "--operator", "stochastic", "--draws", "256"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = ""
     while "compressing layers" not in seen and p.poll() is None:  # the progress bar: inside the layer loop

@@ -32,7 +32,7 @@ def test_console_script_exit_code(tmp_path, calib):
 
 def test_draws_and_act_order_run_end_to_end(tmp_path, calib, fmnist_mlp, capsys):
     out = tmp_path / "o.onnx"
-    code, _ = _run(_compress_args(fmnist_mlp, calib, out, "--bits", "2", "--draws", "3", "--act-order",
+    code, _ = _run(_compress_args(fmnist_mlp, calib, out, "--bits", "2", "--operator", "stochastic", "--draws", "3", "--act-order",
                                   "--report", str(tmp_path / "r.json")), capsys)
     assert code == 0 and out.exists()
     import json

@@ -79,7 +79,9 @@ def test_report_records_provenance(tmp_path, fmnist_mlp, fmnist_calib_small):
     assert {"onnxspfq", "onnx", "onnxruntime", "numpy", "numba"} <= set(r["versions"])
     assert r["versions"]["onnxruntime"] == ort.__version__
     q = r["config"]["quant"]
-    assert q["operator"] == "stochastic" and q["draws"] == 1 and q["C"] == 1.0 and q["bits"] == 4
+    assert q["operator"] == "nearest" and q["path"] == "projected" and q["act_order"] is True
+    assert q["draws"] == 1 and q["C"] == 1.0 and q["bits"] == 4
+    assert {l["path"] for l in r["layers"]} == {"projected"}
 
 
 def test_pruning_defaults_to_the_operator_that_measured_best(tmp_path, fmnist_mlp, fmnist_calib_small):

@@ -115,7 +115,7 @@ def test_large_C_is_independent_stochastic_rounding():
 
 def test_deterministic_C1_with_same_inputs_is_gpfq():
     X, _, W, _ = _problem(seed=4)
-    cfg = QuantConfig(bits=4, c_alpha=1.0, operator="nearest", C=1.0)
+    cfg = QuantConfig(bits=4, c_alpha=1.0, operator="nearest", C=1.0, path="plain")
     Q_spfq, _ = spfq(W, Grams.from_data(X), cfg, np.random.default_rng(0))
     Q_gpfq, _ = gpfq(W, Grams.from_data(X), cfg, np.random.default_rng(0))
     # GPFQ as published (Zhang, Zhou, Saab): u_t = u_{t-1} + w_t X_t - q_t X_t, q_t = Q(<X_t, u_{t-1} + w_t X_t>/||X_t||^2)

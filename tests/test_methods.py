@@ -79,7 +79,7 @@ def test_codes_times_scale_is_Q_exactly(name, bits, granularity):
     assert 0.0 <= info.clip_fraction <= 1.0 and info.method == name
     if not (name == "rtn" and bits == 1):
         chosen = info.c_alpha_row if granularity != "layer" else np.array([info.c_alpha])
-        assert set(chosen) <= set(_candidates(cfg, name == "spfq"))
+        assert set(chosen) <= set(_candidates(cfg, name == "spfq" and cfg.T == "stochastic"))
         assert info.c_alpha == pytest.approx(float(np.mean(chosen)))
     assert info.sparsity == np.mean(Q == 0) and info.threshold is None
 
@@ -109,14 +109,15 @@ def test_c_alpha_explicit_and_search():
 def test_best_of_draws_per_channel():
     """draws = k keeps per row the best of k complete runs: never worse than draw 1, and the default at 1-2 bits."""
     W, _, _, stats = _random_layer(seed=4, n1=40)
-    one = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=1), np.random.default_rng(3))[1]
-    eight = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=8), np.random.default_rng(3))[1]
+    sto = dict(bits=2, c_alpha=0.6, operator="stochastic")
+    one = spfq(W, stats, QuantConfig(**sto, draws=1), np.random.default_rng(3))[1]
+    eight = spfq(W, stats, QuantConfig(**sto, draws=8), np.random.default_rng(3))[1]
     assert np.all(eight.sq_error <= one.sq_error) and eight.sq_error.sum() < 0.9 * one.sq_error.sum()
-    default = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6), np.random.default_rng(3))[1]
+    default = spfq(W, stats, QuantConfig(**sto), np.random.default_rng(3))[1]
     np.testing.assert_array_equal(default.codes, eight.codes)
     assert QuantConfig(bits=4).n_draws == 1 and QuantConfig(bits=1).n_draws == 8
     assert QuantConfig(bits=2, sparsity=0.5).n_draws == 1
-    again = spfq(W, stats, QuantConfig(bits=2, c_alpha=0.6, draws=8), np.random.default_rng(3))[1]
+    again = spfq(W, stats, QuantConfig(**sto, draws=8), np.random.default_rng(3))[1]
     assert again.codes.tobytes() == eight.codes.tobytes()
     with pytest.raises(OnnxspfqError, match="draws"):
         QuantConfig(bits=2, sparsity=0.5, draws=4)
@@ -126,7 +127,7 @@ def test_best_of_draws_per_channel():
 
 def test_seed_reproducible_and_stochastic():
     W, _, _, stats = _random_layer(seed=2)
-    cfg = QuantConfig(bits=3, c_alpha=0.9)
+    cfg = QuantConfig(bits=3, c_alpha=0.9, operator="stochastic")
     a = spfq(W, stats, cfg, np.random.default_rng(1))[0]
     b = spfq(W, stats, cfg, np.random.default_rng(1))[0]
     c = spfq(W, stats, cfg, np.random.default_rng(2))[0]
@@ -139,7 +140,7 @@ def test_two_phase_and_perfect_alignment_run_and_align():
         Q, info = spfq(W, stats, cfg, np.random.default_rng(0))
         assert np.all(np.isfinite(info.rel_error)) and info.rel_error.mean() < 0.1
     # spfq with order r equals the direct two-phase reference (same xi drawn from the same seed)
-    cfg = QuantConfig(bits=4, c_alpha=1.0, order=2, C=2.5)
+    cfg = QuantConfig(bits=4, c_alpha=1.0, order=2, C=2.5, operator="stochastic")
     Q, _ = spfq(W, stats, cfg, np.random.default_rng(9))
     scale, bs = op.step_sizes(W, 4, 1.0, "channel", 1)
     xi = np.random.default_rng(9).random(W.shape)

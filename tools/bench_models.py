@@ -187,10 +187,10 @@ def run_one(spec: dict) -> dict:
         else:
             nm = tuple(spec["nm"]) if spec.get("nm") else None
             quant = QuantConfig(bits=spec["bits"], sparsity=spec.get("sparsity", 0.0), nm=nm,
-                                refit_scale=spec.get("refit", False), operator=spec.get("operator", "stochastic"),
+                                refit_scale=spec.get("refit", False), operator=spec.get("operator"), path=spec.get("path"),
                                 c_alpha=spec.get("c_alpha"), granularity=spec.get("granularity", "channel"),
                                 block_size=spec.get("block_size", 128), draws=spec.get("draws"),
-                                act_order=spec.get("act_order", False))
+                                act_order=spec.get("act_order"), damp=spec.get("damp", QuantConfig.damp))
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())))
@@ -221,6 +221,7 @@ def run_one(spec: dict) -> dict:
 def _fmnist_specs(name: str) -> list[dict]:
     base = {"model": name}
     out = [{**base, "method": m, "bits": b} for b in BITS for m in METHODS]
+    out += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in BITS]  # the SPFQ paper's
     out += [{**base, "method": m, "bits": b, "refit": True} for b in (4, 2, 1) for m in ("spfq", "gpfq")]
     out.append({**base, "method": "ort-static-w8a8", "bits": 8})
     i5 = {**base, "group": "issue5"}
@@ -252,6 +253,7 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             base = {"model": name, "samples": minilm_samples, "eval_samples": minilm_eval, "batch_size": 1,
                     "calib": "unpadded"}
             grid = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
+            grid += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits if b in (4, 3)]
             extra = [{**base, "method": m, "bits": 4, "granularity": "block", "block_size": 32}
                      for m in ("rtn", "gpfq", "spfq")]
             extra.append({**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16})
@@ -261,6 +263,8 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
         else:
             base = {"model": name, "samples": effnet_samples, "batch_size": effnet_batch}
             specs[name] = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
+            specs[name] += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits
+                            if b in (4, 3)]
             specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8}]
             specs[name] += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
     order = [m for m in ("fmnist_cnn", "fmnist_mlp", "minilm", "efficientnet_lite0") if m in specs]
@@ -304,6 +308,8 @@ def main() -> None:
     p.add_argument("--sparsity-png", default="docs/sparsity.png")
     p.add_argument("--note", default="", help="free text stored in the JSON / Markdown (e.g. which commit ran)")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown and PNG from the JSON")
+    p.add_argument("--grid-only", action="store_true", help="only the methods x bits grid (and the stochastic spfq "
+                   "rows): no block / padded / refit / pruning rows, no onnxruntime quantizers")
     a = p.parse_args()
     if a.one:
         print("\nRESULT " + json.dumps(run_one(json.loads(a.one))))
@@ -314,6 +320,9 @@ def main() -> None:
     else:
         specs, skipped = plan(a.models, a.large_methods, a.large_bits, a.minilm_samples, a.effnet_samples,
                               a.minilm_eval, a.effnet_batch)
+        if a.grid_only:
+            specs = [s for s in specs if s["method"] in METHODS and s.get("calib") != "padded"
+                     and not any(k in s for k in ("group", "refit", "granularity"))]
         for s in skipped:
             print(f"skipped {s['model']}: {s['reason']}", flush=True)
         doc = {"command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

@@ -16,8 +16,10 @@ MARKER = "## Findings"
 def label(r: dict) -> str:
     """Short name of a config without its bits, e.g. 'spfq+refit', 'rtn prune 2:4', 'gpfq padded'."""
     s = r["method"]
-    if r.get("operator", "stochastic") != "stochastic":
+    if r.get("operator"):  # none: the method's default operator
         s += f" {r['operator']}"
+    if r.get("path"):
+        s += f" path={r['path']}"
     if r.get("refit"):
         s += "+refit"
     if r.get("c_alpha") is not None:
