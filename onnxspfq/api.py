@@ -17,6 +17,7 @@ from onnxspfq.calib import load_calibration, source_files
 from onnxspfq.images import ImagePreprocess
 from onnxspfq.branches import taken_view, view_layers
 from onnxspfq.capture import Capture
+from onnxspfq import mixed
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
 from onnxspfq.emit_sparse import check_nm
@@ -165,7 +166,8 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     t_start = time.perf_counter()
     run = _open(str(model_path), calib, output, report_path, config, compare_output, image_preprocess, batch_axes,
                 eval_data)
-    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None)
+    bits = None if config.avg_bits is None else _mixed_bits(run, config, compare_output)
+    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config)
     del floats, done
     report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
@@ -200,6 +202,8 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
           compare_output: str | None, image_preprocess, batch_axes, eval_data=None) -> _Run:
     """Every check that can be made before any work (inputs, outputs, names, runnable graph), then the layers and
     the calibration batches."""
+    if calib is None and config.avg_bits is not None:
+        raise OnnxspfqError("--avg-bits measures each layer's effect on the model output: pass --calib")
     if calib is None and config.method != "rtn":
         raise OnnxspfqError(f"--method {config.method} learns from data: pass --calib (a .npz keyed by the model's "
                             "input names, a .npy, or a folder of arrays or images), or use --method rtn, which needs none")
@@ -234,8 +238,32 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
     return _Run(model, view, layers, skipped + inner, batches, held_out)
 
 
-def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool):
+def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -> dict[str, mixed.Assignment]:
+    """--avg-bits: each layer's bits from its measured effect on the output (mixed.py), by layer name."""
+    output = compare_output or run.model.proto.graph.output[0].name
+    measured, fit = mixed.split(run.batches)
+    capture = Capture(run.view, run.layers, fit, max_patches=config.max_patches, seed=config.seed, progress=False)
+    held: dict[str, list[Grams]] = {}
+
+    def probe(layer: Layer, bits: int) -> np.ndarray:  # the method at `bits` on this layer alone (X~ = X)
+        if layer.name not in held:  # the layers come in order: one layer's Grams held at a time
+            held.clear()
+            held[layer.name] = capture.grams(layer, {})
+        lconfig = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bits=bits))
+        W = layer.matrix(dtype=np.float32)
+        return layer.tensor(_quantize_layer(layer, W, held[layer.name], lconfig, np.random.default_rng(0))[0])
+
+    try:
+        effect = mixed.measure(run.view, run.layers, measured, output, probe)
+    finally:
+        capture.close()
+    return {a.layer: a for a in mixed.allocate(run.layers, effect, config.avg_bits)}
+
+
+def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool,
+                     bits: dict[str, mixed.Assignment] | None = None):
     """The pass: each layer's Grams from the capture, the method on them, the compressed weight fed forward.
+    bits: each layer's bits (--avg-bits), else config.quant.bits for all.
     Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
     capture = _DataFree() if data_free else Capture(run.view, run.layers, run.batches,
@@ -255,8 +283,10 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
             # float32 as stored (each method call casts its rows to float64): a 151936 x 1024 lm_head in float64
             # was 1.2 GB, plus a float64 Q of the same size
             W = layer.matrix(dtype=np.float32)
+            lconfig = config if bits is None else dataclasses.replace(
+                config, quant=dataclasses.replace(config.quant, bits=bits[layer.name].bits))
             try:
-                Q, info, note, quant = _quantize_layer(layer, W, grams, config, rng)
+                Q, info, note, quant = _quantize_layer(layer, W, grams, lconfig, rng)
             except OnnxspfqError as err:
                 raise OnnxspfqError(f"layer {layer.name}: {err}") from None
             if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
@@ -267,11 +297,12 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 floats[layer.weight] = weights[layer.weight]
             done.append((layer, info, quant.nm))
             layer_reports.append(LayerReport(
-                name=layer.name, op=layer.op, shape=list(layer.shape), bits=config.quant.bits,
+                name=layer.name, op=layer.op, shape=list(layer.shape), bits=quant.bits,
                 method=config.method, rel_error=_layer_rel_error(info, W, grams, layer.group_rows()),
                 clip_fraction=float(info.clip_fraction), c_alpha=getattr(info, "c_alpha", None),
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
-                sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant), note=note))
+                sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant),
+                note="; ".join(filter(None, [note, bits and bits[layer.name].why()]))))
             del W, Q, grams
     finally:
         capture.close()
@@ -282,7 +313,7 @@ def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[La
                   config: CompressConfig) -> onnx.ModelProto:
     """The output graph (emit.py), each layer's bits per weight in it, and the N:M pattern verified on the emitted
     weights along the axis TensorRT uses."""
-    emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None, config.quant.bits,
+    emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None, info.bits,
                                                floats.get(layer.weight)) for layer, info, _ in done])
     for r, (layer, info, nm) in zip(layer_reports, done):
         r.bits_per_weight = 8 * emitted.nbytes[layer.name] / int(np.prod(layer.shape))

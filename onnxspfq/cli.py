@@ -48,6 +48,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "(default: MODEL.q.onnx beside the input)")
     c.add_argument("--bits", type=int, default=None, choices=BITS, help="stored bits per weight (2 = ternary, "
                    "1 = binary); default 4, or none (prune only) when --sparsity is given alone")
+    c.add_argument("--avg-bits", type=float, default=None, metavar="B", help="mixed precision: each layer gets 8, 4 "
+                   "or 2 bits by its measured effect on the model output, at most B stored bits per weight on "
+                   "average (e.g. 4 or 3; the report says what each layer got and why); instead of --bits")
     c.add_argument("--sparsity", type=_sparsity, default=None, metavar="S|N:M", help="prune: a fraction of zero "
                    "weights per layer (e.g. 0.5, stochastic pruning), or N:M (e.g. 2:4) along the reduction axis "
                    "as TensorRT wants; with --bits, quantization and pruning run in one pass")
@@ -75,6 +78,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
     c.add_argument("--draws", type=int, default=None, help="stochastic T: keep per channel the best of this many "
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
+    c.add_argument("--align-ridge", type=float, default=None, help="spfq's projected path quantizes the weights "
+                   "aligned to the compressed model's inputs, ridge-regularised toward W: 0 = perfect alignment, inf = W "
+                   f"itself (OPTQ) [{QuantConfig.align_ridge}]")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="path following / "
                    "GPTQ over the input columns in decreasing order of their energy (largest inputs first; not with "
                    "N:M or block granularity) [on for spfq's projected path where allowed, off for the baselines]")
@@ -176,16 +182,19 @@ def _compress(a: argparse.Namespace) -> None:
     from onnxspfq.api import compress
 
     sparsity, nm = (0.0, a.sparsity) if isinstance(a.sparsity, tuple) else (a.sparsity or 0.0, None)
+    if a.avg_bits is not None and a.bits is not None:
+        raise OnnxspfqError("give --bits (every layer) or --avg-bits (bits per layer under a budget), not both")
     bits = a.bits if a.bits is not None or a.sparsity is not None else 4
     fmt = a.format or ("qdq" if bits is not None else "sparse")
-    given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "granularity": a.granularity,
+    given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "align_ridge": a.align_ridge,
+             "granularity": a.granularity,
              "block_size": a.block_size, "order": a.order, "damp": a.damp, "draws": a.draws,
              "perfect_alignment": a.perfect_alignment or None, "refit_scale": a.refit_scale or None,
              "act_order": a.act_order}
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, skip=skip, format=fmt, auto_C=a.auto_C)
+                            max_patches=a.max_patches, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

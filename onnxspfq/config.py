@@ -52,6 +52,9 @@ class QuantConfig:
         per output channel, the draw with the smallest exact Gram error (Section 6: measurable from the Grams).
         Neurons are independent, so each kept row is one complete SPFQ run; 1 = plain SPFQ. None (default): 8 at
         1 and 2 bits without pruning (where one draw's variance costs most; docs/RESULTS.md section 4), else 1.
+    align_ridge: phase I of the projected path (spfq): it quantizes W~ = argmin ||X w - X~ v||^2 + ridge * mean(diag
+        H) ||v - w||^2 instead of W, so each layer also corrects the error the earlier layers left in its input
+        (perfect alignment at 0, which over-fits the calibration set; W itself, OPTQ, at inf).
     act_order: process the input columns in decreasing order of their energy diag(H) (GPTQ's act-order) instead of
         their stored order, so the largest-norm inputs are rounded first and the rest correct them. Any column order
         is a valid path following; channel / layer granularity without N:M only (blocks and N:M groups are defined
@@ -72,6 +75,9 @@ class QuantConfig:
     operator: str | None = None
     # None: "projected" at 3-8 bits, "best" at 1-2 bits, "plain" when pruning; measured in docs/RESULTS.md section 11
     path: str | None = None
+    # MiniLM-L6 (docs/RESULTS.md section 11): projected path on W 0.9853 / 0.9479 cosine at 4 / 3 bits, on the ridge-
+    # aligned W~ with ridge 1: 0.9877 / 0.9578 (ridge 0.3 and 3 measured there too)
+    align_ridge: float = 1.0
     granularity: str = "channel"
     block_size: int = 128
     order: int = 1
@@ -98,6 +104,8 @@ class QuantConfig:
                                 "1e6) to damp the correction")
         if self.operator is not None and self.operator not in OPERATORS:
             raise OnnxspfqError(f"unknown operator {self.operator!r}: use one of {', '.join(OPERATORS)}")
+        if not 0 <= self.align_ridge <= math.inf or self.align_ridge != self.align_ridge:
+            raise OnnxspfqError(f"align_ridge must be >= 0 (inf: no alignment), got {self.align_ridge}: e.g. --align-ridge 1")
         if self.path is not None and self.path not in PATHS:
             raise OnnxspfqError(f"unknown path {self.path!r}: use one of {', '.join(PATHS)}")
         if self.granularity not in GRANULARITIES:
@@ -182,6 +190,9 @@ class CompressConfig:
     skip: tuple[str, ...] = ()
     format: str = "qdq"
     auto_C: bool = False
+    # bits per layer from mixed.CHOICES by each layer's measured effect on the output, at most this many stored
+    # bits per weight on average (mixed.py); None: every layer at quant.bits
+    avg_bits: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -198,6 +209,16 @@ class CompressConfig:
             raise OnnxspfqError(f"max_patches must be >= 1, got {self.max_patches}")
         if not 0 <= self.seed < 2 ** 63:
             raise OnnxspfqError(f"seed must be in 0..2**63-1, got {self.seed}: e.g. --seed 0")
+        if self.avg_bits is not None:
+            if not 2 <= self.avg_bits <= 8:
+                raise OnnxspfqError(f"--avg-bits must be in [2, 8] (stored bits per weight; each layer gets 8, 4 or "
+                                    f"2), got {self.avg_bits}: e.g. --avg-bits 4")
+            if self.quant.sparsity or self.quant.nm or self.quant.bits is None:
+                raise OnnxspfqError("--avg-bits assigns bits per layer to quantize, not to prune: drop --sparsity, "
+                                    "or --avg-bits")
+            if self.format in ("float", "sparse"):
+                raise OnnxspfqError(f"--avg-bits budgets the stored integer bits; --format {self.format} stores floats: "
+                                    "use --format qdq or nbits")
         for option, why in self.ignored():
             raise OnnxspfqError(f"{option} has no effect here: {why}; drop it")
 
@@ -212,6 +233,8 @@ class CompressConfig:
                   "best), and --auto-C chooses C itself"),
             "operator": ("--operator", spfq, f"only --method spfq uses an operator T ({m} rounds to nearest)"),
             "path": ("--path", spfq, f"only --method spfq chooses its path following ({m} has one)"),
+            "align_ridge": ("--align-ridge", spfq and q.route != "plain", "only --method spfq's projected path (--path "
+                            "projected or best) aligns with a ridge"),
             "order": ("--order", plain, "only --method spfq's plain path (--path plain or best) has an alignment order"),
             "perfect_alignment": ("--perfect-alignment", plain, "only --method spfq's plain path (--path plain or "
                                   "best) aligns"),
@@ -235,4 +258,6 @@ class CompressConfig:
         d = asdict(self)
         d["quant"] = self.quant.effective()
         d["quant"]["act_order"] = self.quant.ordered(self.method)
+        if self.avg_bits is not None:  # each layer's bits (and what resolves from them) are in the report's layers
+            d["quant"]["bits"] = "per layer (--avg-bits)"
         return d

@@ -115,15 +115,13 @@ def better_setting(config: dict, layers: list[LayerReport]) -> str:
     if q["sparsity"] and q["sparsity"] > 0.75:
         return ("a lower --sparsity (the Fashion-MNIST CNN kept 87.0 % top-1 at 0.75 and 67.8 % at 0.9; "
                 "RESULTS.md section 7)")
-    if config["method"] == "spfq" and all(r.op != "Conv" for r in layers):
-        return ("--method gptq (transformers: MiniLM-L6 4-bit embedding cosine 0.983 vs 0.895 with spfq, tiny "
-                "Qwen2 held-out logits cosine 0.943 vs 0.877; RESULTS.md sections 3 and 6)")
-    if config["method"] == "spfq" and (q["bits"] or 8) <= 4:
-        return ("--method gptq (EfficientNet-Lite0 at 4 bits: 16 of 20 photos right vs 9 with spfq; RESULTS.md "
-                "section 3)")
-    if q["bits"] is not None and q["bits"] <= 2:
-        return "--bits 3 or 4 (every model measured lost most of its agreement at 2 bits and below; RESULTS.md section 3)"
-    return "--skip the worst layers (they stay in float)"
+    if config["method"] == "spfq" and q["operator"] == "stochastic":
+        return ("the default operator, nearest (drop --operator stochastic: MiniLM-L6 4-bit embedding cosine 0.985 "
+                "with it vs 0.895; RESULTS.md section 11)")
+    if isinstance(q["bits"], int) and q["bits"] <= 2:
+        return ("--bits 3 or 4, or --avg-bits to give the sensitive layers more bits (every model measured lost most "
+                "of its agreement at 2 bits and below; RESULTS.md section 3)")
+    return "--avg-bits with a budget above this run's bits, or --skip the worst layers (they stay in float)"
 
 
 def poor_result(report: "Report") -> str | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from onnxspfq import operators as op
 from onnxspfq.config import QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
-from onnxspfq.methods import METHODS, spfq
+from onnxspfq.methods import FEW_ROWS_DAMP, METHODS, gptq, spfq
 from onnxspfq.prepared import LayerResult, layer_error
 from onnxspfq.search import CANDIDATES, _candidates
 
@@ -246,7 +247,7 @@ def test_act_order_is_the_method_on_permuted_columns(name):
     W, X, Xt, stats = _random_layer(seed=5)
     perm = np.argsort(-np.diag(stats.H), kind="stable")
     assert not np.array_equal(perm, np.arange(len(perm)))
-    cfg = QuantConfig(bits=3, c_alpha=0.9, draws=1)
+    cfg = QuantConfig(bits=3, c_alpha=0.9, draws=1, act_order=False)
     Q, info = METHODS[name](W, stats, dataclasses.replace(cfg, act_order=True), np.random.default_rng(0))
     Qp, infop = METHODS[name](W[:, perm], Grams.from_data(X[:, perm], Xt[:, perm]), cfg, np.random.default_rng(0))
     inv = np.argsort(perm)
@@ -255,3 +256,85 @@ def test_act_order_is_the_method_on_permuted_columns(name):
     np.testing.assert_allclose(info.sq_error, layer_error(W, Q, stats)[0], rtol=1e-9)
     with pytest.raises(OnnxspfqError, match="act-order"):
         QuantConfig(bits=4, act_order=True, granularity="block")
+
+
+def test_default_route_per_setting():
+    """What the default spfq runs (config.py: route, ordered), and the settings that select the plain path."""
+    for bits in (8, 4, 3):
+        assert QuantConfig(bits=bits).route == "projected" and QuantConfig(bits=bits).T == "nearest"
+    assert QuantConfig(bits=2).route == "best" and QuantConfig(bits=1).route == "best"
+    for plain in (dict(operator="stochastic"), dict(sparsity=0.5), dict(nm=(2, 4)), dict(C=2.0), dict(order=2),
+                  dict(perfect_alignment=True), dict(path="plain")):
+        assert QuantConfig(bits=4, **plain).route == "plain", plain
+    assert QuantConfig(bits=4, path="best").route == "best" and QuantConfig(bits=None, sparsity=0.5).route == "plain"
+    assert QuantConfig(bits=4).ordered("spfq") and QuantConfig(bits=2).ordered("spfq")
+    assert not any(QuantConfig(bits=4).ordered(m) for m in ("gptq", "gpfq", "rtn"))
+    assert not QuantConfig(bits=4, granularity="block").ordered("spfq")
+    assert not QuantConfig(bits=4, operator="stochastic").ordered("spfq")
+    assert QuantConfig(bits=4, act_order=True).ordered("gptq") and not QuantConfig(bits=4, act_order=False).ordered("spfq")
+    with pytest.raises(OnnxspfqError, match="path"):
+        QuantConfig(bits=4, path="curved")
+
+
+def test_default_spfq_is_the_projected_path_in_act_order():
+    """At 3-8 bits the default spfq is OPTQ's projected path in act-order on the ridge-aligned weights: with the
+    alignment off (align_ridge inf) bit-identical to gptq with act_order on (m >= 2 N0 rows: the same damping), and
+    with X~ = X the alignment is W itself; with fewer rows its damping rises to FEW_ROWS_DAMP, which then equals gptq
+    at that damping and differs from gptq at the published 0.01."""
+    W, X, Xt, stats = _random_layer(seed=6, m=200, n0=48)
+    same = Grams.from_data(X)
+    for bits in (8, 4, 3):
+        Q, info = spfq(W, stats, QuantConfig(bits=bits, align_ridge=math.inf), np.random.default_rng(0))
+        Qg, _ = gptq(W, stats, QuantConfig(bits=bits, act_order=True), np.random.default_rng(0))
+        assert Q.tobytes() == Qg.tobytes() and info.form_row is None
+        Qs, _ = spfq(W, same, QuantConfig(bits=bits), np.random.default_rng(0))
+        Qsg, _ = gptq(W, same, QuantConfig(bits=bits, act_order=True), np.random.default_rng(0))
+        assert Qs.tobytes() == Qsg.tobytes()
+    few = Grams.from_data(X[:60], Xt[:60])  # 60 rows < 2 N0 = 96
+    cfg = QuantConfig(bits=4, align_ridge=math.inf)
+    Q, _ = spfq(W, few, cfg, np.random.default_rng(0))
+    Qd, _ = gptq(W, few, QuantConfig(bits=4, act_order=True, damp=FEW_ROWS_DAMP), np.random.default_rng(0))
+    Q0, _ = gptq(W, few, QuantConfig(bits=4, act_order=True), np.random.default_rng(0))
+    assert Q.tobytes() == Qd.tobytes() and not np.array_equal(Q, Q0)
+
+
+def test_ridge_alignment_solves_its_normal_equations_and_corrects_the_input_error():
+    """Phase I of the projected path: (H + eps I) w~ = G w + eps w with eps = ridge * mean(diag H); ridge -> inf
+    gives W, ridge -> 0 the least-squares alignment. With X~ = X M (earlier layers bent the input), the aligned path
+    follows X w far better than quantizing W itself at 8 bits (the alignment's purpose), and better at 4 bits."""
+    from onnxspfq.methods import _ridge_align
+    from onnxspfq.prepared import prepare
+
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((400, 24))
+    Xt = X @ (np.eye(24) + 0.05 * rng.standard_normal((24, 24)))
+    W = rng.standard_normal((16, 24))
+    L = prepare(W, Grams.from_data(X, Xt))
+    eps = 1.0 * L.d.mean()
+    Wt = _ridge_align(L, 1.0)
+    np.testing.assert_allclose((L.H + eps * np.eye(24)) @ Wt.T, L.G @ W.T + eps * W.T, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(_ridge_align(L, 1e12), W, atol=1e-8)
+    np.testing.assert_allclose(_ridge_align(L, 0.0), np.linalg.solve(L.H, L.G @ W.T).T, rtol=1e-8, atol=1e-10)
+    for bits, factor in ((8, 0.5), (4, 0.9)):
+        aligned = spfq(W, Grams.from_data(X, Xt), QuantConfig(bits=bits), np.random.default_rng(0))[1].sq_error.sum()
+        plain_w = spfq(W, Grams.from_data(X, Xt), QuantConfig(bits=bits, align_ridge=math.inf),
+                       np.random.default_rng(0))[1].sq_error.sum()
+        assert aligned < factor * plain_w, (bits, aligned, plain_w)
+    with pytest.raises(OnnxspfqError, match="align_ridge"):
+        QuantConfig(align_ridge=-1.0)
+
+
+def test_best_path_keeps_per_row_the_smaller_exact_error():
+    """path best runs the plain and the projected path and each output channel keeps the smaller exact error
+    (ties: plain); every kept row is one complete run of its path, and the report names the path per row."""
+    W, X, Xt, stats = _random_layer(seed=7, n1=40)
+    cfg = QuantConfig(bits=2, c_alpha=0.6, act_order=True)
+    assert cfg.route == "best"
+    Qb, best = spfq(W, stats, cfg, np.random.default_rng(0))
+    Qp, plain = spfq(W, stats, dataclasses.replace(cfg, path="plain"), np.random.default_rng(0))
+    Qj, proj = spfq(W, stats, dataclasses.replace(cfg, path="projected"), np.random.default_rng(0))
+    won = proj.sq_error < plain.sq_error
+    assert 0 < won.sum() < len(won)  # the choice really differs between rows on this layer
+    np.testing.assert_array_equal(Qb, np.where(won[:, None], Qj, Qp))
+    np.testing.assert_array_equal(best.sq_error, np.minimum(plain.sq_error, proj.sq_error))
+    assert best.form_row.tolist() == np.where(won, "projected", "plain").tolist()
