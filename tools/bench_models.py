@@ -194,7 +194,8 @@ def run_one(spec: dict) -> dict:
                                 align_ridge=spec.get("align_ridge", QuantConfig.align_ridge))
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
-                                    auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())))
+                                    auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
+                                    avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
                               "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha, "C": l.C,
@@ -223,6 +224,7 @@ def _fmnist_specs(name: str) -> list[dict]:
     base = {"model": name}
     out = [{**base, "method": m, "bits": b} for b in BITS for m in METHODS]
     out += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in BITS]  # the SPFQ paper's
+    out += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in (4, 3)]  # mixed precision, B = bits
     out += [{**base, "method": m, "bits": b, "refit": True} for b in (4, 2, 1) for m in ("spfq", "gpfq")]
     out.append({**base, "method": "ort-static-w8a8", "bits": 8})
     i5 = {**base, "group": "issue5"}
@@ -255,6 +257,7 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
                     "calib": "unpadded"}
             grid = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
             grid += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits if b in (4, 3)]
+            grid += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in large_bits if b in (4, 3)]
             extra = [{**base, "method": m, "bits": 4, "granularity": "block", "block_size": 32}
                      for m in ("rtn", "gpfq", "spfq")]
             extra.append({**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16})
@@ -266,6 +269,7 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             specs[name] = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
             specs[name] += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits
                             if b in (4, 3)]
+            specs[name] += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in large_bits if b in (4, 3)]
             specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8}]
             specs[name] += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
     order = [m for m in ("fmnist_cnn", "fmnist_mlp", "minilm", "efficientnet_lite0") if m in specs]

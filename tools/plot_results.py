@@ -20,6 +20,8 @@ def label(r: dict) -> str:
         s += f" {r['operator']}"
     if r.get("path"):
         s += f" path={r['path']}"
+    if r.get("avg_bits"):
+        s += " --avg-bits"
     if r.get("refit"):
         s += "+refit"
     if r.get("c_alpha") is not None:
