@@ -32,8 +32,8 @@ CONFIGS = {  # name: (method, QuantConfig fields beyond bits)
     "gpfq": ("gpfq", {}),
     "rtn": ("rtn", {}),
     "spfq-stochastic": ("spfq", {"operator": "stochastic"}),
-    "projected": ("spfq", {"path": "projected", "act_order": False}),
-    "projected-act-order": ("spfq", {"path": "projected", "act_order": True}),
+    "default-no-align": ("spfq", {"align_ridge": float("inf")}),
+    "default-no-act-order": ("spfq", {"act_order": False}),
     "best": ("spfq", {"path": "best"}),
 }
 
