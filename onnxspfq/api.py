@@ -158,7 +158,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     `compare_output` names the model output the agreement check compares (default: the first); `batch_axes`
     gives inputs' sample axes where the model's symbolic dims do not (see calib.model_inputs); `eval_data` (read
     like `calib`) is what the final agreement check runs on, default the calibration data (which a method fits, so
-    it overstates: on Qwen2 0.6b spfq reached cosine 0.998 there and 0.691 on held-out tokens).
+    it overstates: on Qwen2 0.6b the stochastic spfq reached cosine 0.998 there and 0.691 on held-out tokens).
     Memory: the model's weights are read one layer at a time and each compressed float weight is dropped once
     the capture has run its last reader; what stays is the emitted integer codes.
     """
