@@ -238,6 +238,11 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
     return _Run(model, view, layers, skipped + inner, batches, held_out)
 
 
+def _at_bits(config: CompressConfig, bits: int) -> CompressConfig:
+    """The run's settings with every layer at `bits` (what --avg-bits gives one layer)."""
+    return dataclasses.replace(config, quant=dataclasses.replace(config.quant, bits=bits))
+
+
 def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -> dict[str, mixed.Assignment]:
     """--avg-bits: each layer's bits from its measured effect on the output (mixed.py), by layer name."""
     output = compare_output or run.model.proto.graph.output[0].name
@@ -249,9 +254,9 @@ def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -
         if layer.name not in held:  # the layers come in order: one layer's Grams held at a time
             held.clear()
             held[layer.name] = capture.grams(layer, {})
-        lconfig = dataclasses.replace(config, quant=dataclasses.replace(config.quant, bits=bits))
         W = layer.matrix(dtype=np.float32)
-        return layer.tensor(_quantize_layer(layer, W, held[layer.name], lconfig, np.random.default_rng(0))[0])
+        return layer.tensor(_quantize_layer(layer, W, held[layer.name], _at_bits(config, bits),
+                                            np.random.default_rng(0))[0])
 
     try:
         effect = mixed.measure(run.view, run.layers, measured, output, probe)
@@ -283,8 +288,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
             # float32 as stored (each method call casts its rows to float64): a 151936 x 1024 lm_head in float64
             # was 1.2 GB, plus a float64 Q of the same size
             W = layer.matrix(dtype=np.float32)
-            lconfig = config if bits is None else dataclasses.replace(
-                config, quant=dataclasses.replace(config.quant, bits=bits[layer.name].bits))
+            lconfig = config if bits is None else _at_bits(config, bits[layer.name].bits)
             try:
                 Q, info, note, quant = _quantize_layer(layer, W, grams, lconfig, rng)
             except OnnxspfqError as err:

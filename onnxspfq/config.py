@@ -69,9 +69,9 @@ class QuantConfig:
     C: float = 1.0
     # None: "nearest". Pruning (docs/RESULTS.md section 7, Fashion-MNIST CNN test set): at 0.5 / 0.75 / 0.9 sparsity
     # stochastic T gave 89.7 / 10.6 / 9.2 % where nearest gave 91.3 / 87.0 / 67.8 %; with 4 bits and 2:4 or 0.5 /
-    # 0.75 sparsity nearest won every case too. Quantization (section 11): with both operators offered per output
-    # channel, no MiniLM-L6 channel at 4 bits kept a stochastic draw (the exact error of nearest was smaller on every
-    # row), and the best of 8 stochastic draws still lost to nearest on every model (MiniLM 0.898 vs 0.978 cosine).
+    # 0.75 sparsity nearest won every case too. Quantization (section 11): stochastic T lost to nearest on every model
+    # and width measured, and so did the best of 8 stochastic draws per channel (MiniLM-L6 4-bit cosine 0.898 vs
+    # 0.978 for nearest on the same plain path).
     operator: str | None = None
     # None: "projected" at 3-8 bits, "best" at 1-2 bits, "plain" when pruning; measured in docs/RESULTS.md section 11
     path: str | None = None
@@ -151,7 +151,7 @@ class QuantConfig:
         if self.sparsity or self.nm or self.bits is None:
             return "plain"
         # settings only the plain path has ask for it: the paper's SPFQ is --operator stochastic (stochastic rounding
-        # on the projected path measured far worse: MiniLM-L6 4-bit cosine 0.854 vs 0.898 plain, section 11)
+        # on the projected path was tried and measured worse than on the plain one, section 11)
         if self.T == "stochastic" or self.order > 1 or self.perfect_alignment or self.C != 1.0:
             return "plain"
         return "best" if self.bits <= 2 else "projected"

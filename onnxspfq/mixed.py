@@ -23,14 +23,14 @@ from typing import Callable
 
 import numpy as np
 
+from onnxspfq.emit_nbits import STORED_BITS
 from onnxspfq.io import Model, session
 from onnxspfq.graph import weightless
 from onnxspfq.layers import Layer
 
-# The bit widths a layer may get, with the bits each stores per weight (emit_qdq / emit_nbits: 3-bit codes are held
-# in INT4 like 4-bit ones, so under a storage budget 4 bits is never worse than 3, and 3 is not offered).
+# The bit widths a layer may get. What each stores per weight is emit_nbits.STORED_BITS (QDQ stores the same): 3-bit
+# codes are held in INT4 like 4-bit ones, so under a storage budget 4 bits is never worse than 3, and 3 is not offered.
 CHOICES = (8, 4, 2)
-STORED = {8: 8, 4: 4, 3: 4, 2: 2, 1: 2}
 SAMPLES = 32  # calibration samples the probe runs on: one forward pass per (layer, bits) over these
 BUDGET_STEPS = 1 << 16  # the knapsack's largest number of budget steps (its resolution when costs are not exact)
 
@@ -97,7 +97,7 @@ def allocate(layers: list[Layer], effect: dict[str, dict[int, float]], avg_bits:
     unit = 2.0 * np.gcd.reduce(n.astype(np.int64))
     if avg_bits * n.sum() / unit > BUDGET_STEPS:
         unit = avg_bits * n.sum() / BUDGET_STEPS
-    cost = np.ceil(n[:, None] * np.array([STORED[b] for b in CHOICES])[None, :] / unit - 1e-9).astype(np.int64)
+    cost = np.ceil(n[:, None] * np.array([STORED_BITS[b] for b in CHOICES])[None, :] / unit - 1e-9).astype(np.int64)
     cap = int(np.floor(avg_bits * n.sum() / unit + 1e-9))
     best = np.full(cap + 1, np.inf)
     best[0] = 0.0
@@ -128,4 +128,4 @@ def allocate(layers: list[Layer], effect: dict[str, dict[int, float]], avg_bits:
 def stored_bits(assignments: list[Assignment]) -> float:
     """Stored bits per weight of an assignment (what the budget counts)."""
     total = sum(a.weights for a in assignments)
-    return sum(STORED[a.bits] * a.weights for a in assignments) / max(total, 1)
+    return sum(STORED_BITS[a.bits] * a.weights for a in assignments) / max(total, 1)

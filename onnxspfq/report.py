@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from onnxspfq.emit_nbits import STORED_BITS
 from onnxspfq.evaluate import Agreement
 
 
@@ -86,9 +87,8 @@ class Report:
             rows.append(f"compressed weights: {n} in {len(self.layers)} layers, {100 * zeros:.1f}% zeros, "
                         f"{bpw:.2f} bits per weight on disk")
             if self.config.get("avg_bits") is not None:
-                from onnxspfq.mixed import STORED
                 per = {b: sum(1 for r in self.layers if r.bits == b) for b in sorted({r.bits for r in self.layers})}
-                codes = sum(STORED[r.bits] * np.prod(r.shape) for r in self.layers) / n
+                codes = sum(STORED_BITS[r.bits] * np.prod(r.shape) for r in self.layers) / n
                 rows.append(f"--avg-bits {self.config['avg_bits']:g}: " + ", ".join(f"{c} layers at {b} bits"
                             for b, c in per.items()) + f"; {codes:.2f} stored code bits per weight (scales apart)")
         ratio = self.size_before / self.size_after if self.size_after else float("nan")

@@ -32,7 +32,7 @@ def test_allocate_is_the_exact_knapsack_optimum(seed):
         assert mixed.stored_bits(got) <= avg + 1e-12
         best = min(sum(effect[l.name][b] for l, b in zip(layers, bits))
                    for bits in itertools.product(mixed.CHOICES, repeat=len(layers))
-                   if np.dot(n, [mixed.STORED[b] for b in bits]) <= avg * n.sum() + 1e-9)
+                   if np.dot(n, [mixed.STORED_BITS[b] for b in bits]) <= avg * n.sum() + 1e-9)
         assert sum(effect[a.layer][a.bits] for a in got) == pytest.approx(best, rel=1e-12)
     assert {a.bits for a in mixed.allocate(layers, effect, 8.0)} == {8}
     assert {a.bits for a in mixed.allocate(layers, effect, 2.0)} == {2}
@@ -71,6 +71,6 @@ def test_an_outlier_layer_gets_the_bits(tmp_path):
     effect = {l["name"]: float(l["note"].split(" 4b ")[1].split()[0]) for l in layers}
     assert effect["mm1"] > 3 * max(effect["mm2"], effect["mm3"])  # measured: the outlier layer is the sensitive one
     n = {l["name"]: np.prod(l["shape"]) for l in layers}
-    assert sum(mixed.STORED[bits[k]] * n[k] for k in n) <= 5 * sum(n.values())
+    assert sum(mixed.STORED_BITS[bits[k]] * n[k] for k in n) <= 5 * sum(n.values())
     x = rng.standard_normal((4, 128)).astype(np.float32)
     assert np.all(np.isfinite(ort.InferenceSession(str(out)).run(None, {"x": x})[0]))

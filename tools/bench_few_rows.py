@@ -26,7 +26,7 @@ from builders import matmul_chain  # noqa: E402
 from onnxspfq.cli import main as cli  # noqa: E402
 
 SETTINGS = {"gpfq": ["--method", "gpfq"], "gptq (damp 0.01)": ["--method", "gptq"],
-            "spfq default": [], "spfq --path projected --damp 0.01 (no few-rows rule)": None,
+            "spfq default": [], "spfq default with the few-rows rule off": None,
             "spfq --damp 0.1": ["--damp", "0.1"]}
 
 
@@ -47,11 +47,11 @@ def main() -> None:
                 np.savez(f"{d}/calib.npz", x=np.random.default_rng(m).standard_normal((m, 64)).astype(np.float32))
                 for bits in ("8", "4"):
                     argv = ["compress", model, "--calib", f"{d}/calib.npz", "-o", f"{d}/q.onnx", "--bits", bits, "-q"]
-                    if extra is None:  # the projected path with the plain damping: disable the rule for this row
+                    if extra is None:  # the default with the plain damping: disable the rule for this row
                         from onnxspfq import methods
                         keep, methods.FEW_ROWS_DAMP = methods.FEW_ROWS_DAMP, 0.0
                         try:
-                            cli(argv + ["--no-act-order"])
+                            cli(argv)
                         finally:
                             methods.FEW_ROWS_DAMP = keep
                     else:
