@@ -13,7 +13,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxspfq import output_files
-from onnxspfq.calib import load_calibration, source_files
+from onnxspfq.calib import load_calibration, source_files, token_mask_input
 from onnxspfq.images import ImagePreprocess
 from onnxspfq.branches import taken_view, view_layers
 from onnxspfq.capture import Capture
@@ -143,6 +143,14 @@ class _Run:
     skipped: list[dict]
     batches: list[dict[str, np.ndarray]]
     eval_batches: list[dict[str, np.ndarray]] | None = None  # held-out data for the final check (None: batches)
+    token_mask: str | None = None  # the feed marking padding tokens (calib.token_mask_input), None: every row
+
+    def capture(self, config: CompressConfig, batches: list[dict[str, np.ndarray]] | None = None,
+                progress: bool = False) -> Capture:
+        """The two-graph capture of this run's layers over `batches` (default: all calibration batches)."""
+        return Capture(self.view, self.layers, self.batches if batches is None else batches,
+                       max_patches=config.max_patches, seed=config.seed, progress=progress,
+                       token_mask=self.token_mask)
 
 
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
@@ -170,7 +178,8 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config)
     del floats, done
-    report = Report(model=str(model_path), output=output, config=config.effective(), layers=layer_reports,
+    report = Report(model=str(model_path), output=output, config=dict(config.effective(), token_mask=run.token_mask or
+                    "none"), layers=layer_reports,
                     skipped=run.skipped, size_before=model_file_bytes(str(model_path)))
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
     # the file, then moved in place together with the report: both or neither
@@ -235,7 +244,8 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         if not layers:
             raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
                                 "branches without layers): nothing to do")
-    return _Run(model, view, layers, skipped + inner, batches, held_out)
+    token_mask = token_mask_input(config.token_mask, model.proto, batches)
+    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask)
 
 
 def _at_bits(config: CompressConfig, bits: int) -> CompressConfig:
@@ -247,7 +257,7 @@ def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -
     """--avg-bits: each layer's bits from its measured effect on the output (mixed.py), by layer name."""
     output = compare_output or run.model.proto.graph.output[0].name
     measured, fit = mixed.split(run.batches)
-    capture = Capture(run.view, run.layers, fit, max_patches=config.max_patches, seed=config.seed, progress=False)
+    capture = run.capture(config, fit)
     held: dict[str, list[Grams]] = {}
 
     def probe(layer: Layer, bits: int) -> np.ndarray:  # the method at `bits` on this layer alone (X~ = X)
@@ -271,9 +281,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
     bits: each layer's bits (--avg-bits), else config.quant.bits for all.
     Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = _DataFree() if data_free else Capture(run.view, run.layers, run.batches,
-                                                    max_patches=config.max_patches, seed=config.seed,
-                                                    progress=progress)
+    capture = _DataFree() if data_free else run.capture(config, progress=progress)
     weights: dict = {}
     floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []

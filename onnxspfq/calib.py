@@ -325,3 +325,30 @@ def _batches(stacked: dict[str, np.ndarray], specs: list[InputSpec], samples: in
         hi = min(lo + step, total)
         out.append({s.name: (stacked[s.name][lo:hi] if len(s.shape) else stacked[s.name]) for s in specs})
     return out
+
+
+AUTO_TOKEN_MASK = "attention_mask"  # the padding-mask input name of Hugging Face exports (BERT, GPT-2, Llama, ...)
+
+
+def token_mask_input(setting: str, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> str | None:
+    """The graph input whose zeros mark padding tokens, for CompressConfig.token_mask ("auto", "none" or a name):
+    the name, or None when rows are not masked. A named input must be a 2-D (batch, sequence) model input with at
+    least one nonzero value in the calibration data."""
+    if setting == "none":
+        return None
+    specs = {s.name: s for s in model_inputs(model)}
+    name = AUTO_TOKEN_MASK if setting == "auto" else setting
+    if name not in specs:
+        if setting == "auto":
+            return None
+        raise OnnxspfqError(f"--token-mask {name!r} is not an input of the model (its inputs are "
+                            f"{', '.join(specs)}): name the (batch, sequence) padding mask, or --token-mask none")
+    if len(specs[name].shape) != 2:
+        if setting == "auto":
+            return None
+        raise OnnxspfqError(f"--token-mask {name!r} has rank {len(specs[name].shape)}, not a 2-D (batch, sequence) "
+                            "padding mask: name that input, or --token-mask none")
+    if batches and not any(np.any(np.asarray(b[name]) != 0) for b in batches if name in b):
+        raise OnnxspfqError(f"the calibration data's {name!r} is zero everywhere: every token would be padding; "
+                            "check the data, or --token-mask none")
+    return name

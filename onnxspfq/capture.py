@@ -71,13 +71,15 @@ class Capture:
 
     model: the (folded) model the layers were found in; layers: in the order grams() will be called;
     batches: calibration feeds; max_patches: Conv im2col rows kept per batch (random subset, same rows in X and
-    X~, seeded by (seed, layer index, batch index)); None keeps all.
+    X~, seeded by (seed, layer index, batch index)); None keeps all. token_mask: a feed name whose (batch,
+    sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at those positions are left
+    out of the Grams (calib.token_mask_input); None keeps every row.
     """
 
     def __init__(self, model: Model | onnx.ModelProto, layers: list[Layer], batches: list[dict[str, np.ndarray]],
                  max_patches: int | None = 4096, seed: int = 0, progress: bool = False,
                  memory_limit_mb: int = MEMORY_LIMIT_MB, spill_dir: str | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, token_mask: str | None = None) -> None:
         if not batches:
             raise ValueError("Capture needs at least one calibration batch")
         self.layers = list(layers)
@@ -85,6 +87,7 @@ class Capture:
         self.batches = batches
         self.max_patches = max_patches
         self.seed = seed
+        self.token_mask = token_mask
         self.progress = progress
         self.providers = providers or ["CPUExecutionProvider"]
         self._model = as_model(model)
@@ -293,13 +296,17 @@ class Capture:
 
     def _rows(self, k: int, b: int, layer: Layer, x: np.ndarray) -> np.ndarray:
         """The layer's input rows for one batch (layers.py); convolution patches beyond max_patches are a seeded
-        random subset, the same rows in X and X~."""
+        random subset, the same rows in X and X~; MatMul rows of padding tokens are dropped (token_mask)."""
         def pick(total: int) -> np.ndarray | None:
             if self.max_patches is None or total <= self.max_patches:
                 return None
             return np.sort(np.random.default_rng([self.seed, k, b]).choice(total, self.max_patches, replace=False))
 
-        return layer.rows(x, pick)
+        rows = layer.rows(x, pick)
+        mask = self.batches[b].get(self.token_mask) if self.token_mask and layer.op == "MatMul" else None
+        if mask is None or layer.stacked or x.ndim != 3 or tuple(x.shape[:2]) != tuple(np.shape(mask)):
+            return rows
+        return rows[np.asarray(mask).reshape(-1) != 0]
 
 
 # ------------------------------------------------------------------------------------------------------- planning

@@ -92,6 +92,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    help="calibration batch size for onnxruntime")
     c.add_argument("--max-patches", type=int, default=CompressConfig.max_patches,
                    help="Conv: at most this many im2col patches per batch")
+    c.add_argument("--token-mask", default=CompressConfig.token_mask, metavar="INPUT", help="the (batch, sequence) "
+                   "model input whose zeros mark padding tokens, left out of the MatMul statistics; none: keep every "
+                   "row [auto: attention_mask where the model has it]")
     c.add_argument("--skip", action="append", default=[], metavar="LAYER[,LAYER...]", help="node names to leave in "
                    "float (repeat the option or separate names by commas)")
     c.add_argument("--format", default=None, choices=FORMATS, help="qdq: DequantizeLinear on packed integers "
@@ -194,7 +197,7 @@ def _compress(a: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
+                            max_patches=a.max_patches, token_mask=a.token_mask, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

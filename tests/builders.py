@@ -100,6 +100,30 @@ def token_encoder(vocab: int = 50, width: int = 16, seed: int = 0) -> onnx.Model
                    h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", width])], [E, W])
 
 
+def masked_encoder(vocab: int = 40, width: int = 12, seed: int = 0) -> onnx.ModelProto:
+    """input_ids and attention_mask [batch, seq] -> Gather embedding -> MatMul -> Relu -> MatMul -> hidden, and
+    the masked mean of hidden over the sequence (sentence_embedding [batch, width]): a padded-batch encoder whose
+    padding positions do not reach its pooled output."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32), "embed"),
+             numpy_helper.from_array((rng.standard_normal((width, width)) / 3).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.standard_normal((width, width)) / 3).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"), numpy_helper.from_array(np.array([1], np.int64), "seq_axis")]
+    nodes = [h.make_node("Gather", ["embed", "input_ids"], ["e"]),
+             h.make_node("MatMul", ["e", "W1"], ["a"], name="fc1"), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("MatMul", ["r", "W2"], ["hidden"], name="fc2"),
+             h.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             h.make_node("Unsqueeze", ["mf", "last"], ["m3"]), h.make_node("Mul", ["hidden", "m3"], ["hm"]),
+             h.make_node("ReduceSum", ["hm", "seq_axis"], ["s"], keepdims=0),
+             h.make_node("ReduceSum", ["m3", "seq_axis"], ["n"], keepdims=0),
+             h.make_node("Div", ["s", "n"], ["sentence_embedding"])]
+    ids = [h.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")]
+    return _model(nodes, ids, [h.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", width]),
+                               h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", width])], inits)
+
+
 def with_if_body(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` plus an If node whose then / else bodies each hold a MatMul with a constant weight (a layer the pass
     leaves alone and `inspect` must list)."""

@@ -258,28 +258,31 @@ def test_run_model_replaces_weights():
 
 # ------------------------------------------------------------------------------------------ Gram build savings
 @pytest.mark.parametrize("same", [True, False])
-def test_add_groups_equals_one_add_per_group_bit_for_bit(same):
+def test_add_groups_equals_one_add_per_group(same):
+    """Batched group products = one float64 product per group (to summation order), and the same bits whether
+    the rows come row-major (a MatMul's) or channel-major (im2col's transposed view)."""
     g, n0, m = 37, 9, 300
     X = _w(m, g * n0)
     Xt = X if same else X + 0.1 * _w(m, g * n0)
-    batched, single = [Grams(n0) for _ in range(g)], [Grams(n0) for _ in range(g)]
+    batched, by_cols, single = ([Grams(n0) for _ in range(g)] for _ in range(3))
     import onnxspfq.gram as gram_module
 
     old = gram_module.GROUP_CHUNK_VALUES
     try:
         gram_module.GROUP_CHUNK_VALUES = 5 * m * n0  # several chunks, the last one short
         Grams.add_groups(batched, X, Xt)
+        Xf = np.asfortranarray(X)
+        Grams.add_groups(by_cols, Xf, Xf if same else np.asfortranarray(Xt))
     finally:
         gram_module.GROUP_CHUNK_VALUES = old
     for i, gr in enumerate(single):
         cols = slice(i * n0, (i + 1) * n0)
         gr.add(X[:, cols], Xt[:, cols].copy())  # a copy: the general path, three products
-    for a, b in zip(batched, single):
-        assert np.array_equal(a.F, b.F) and np.array_equal(a.H, b.H) and a.m == b.m == m
-        if same:
-            np.testing.assert_allclose(a.G, b.G, rtol=1e-12, atol=1e-12)  # syrk vs gemm: last bits
-        else:
-            assert np.array_equal(a.G, b.G)
+    for a, b, c in zip(batched, single, by_cols):
+        assert a.m == b.m == c.m == m
+        for name in "FHG":
+            assert np.array_equal(getattr(a, name), getattr(c, name))
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-10)
 
 
 def test_layers_reading_one_tensor_share_one_gram_build():
@@ -300,3 +303,57 @@ def test_layers_reading_one_tensor_share_one_gram_build():
     X = np.concatenate([b["x"] for b in batches]).astype(np.float64)
     np.testing.assert_allclose(gk[0].H, X.T @ X, rtol=1e-12)
     assert gk[0].H is not go[0].H and go[0].n0 == 5
+
+
+# ------------------------------------------------------------------------------------------ padding tokens
+def _padded_batches(n=3, b=4, seq=7, vocab=40):
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(1, seq + 1, size=b)
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        out.append({"input_ids": np.where(mask == 1, rng.integers(1, vocab, (b, seq)), 0), "attention_mask": mask})
+    return out
+
+
+def test_padding_rows_are_left_out_of_the_matmul_grams():
+    """With a token mask the first layer's Grams are those of the embedding rows at real tokens only; without
+    one they include the padding rows."""
+    from builders import masked_encoder
+
+    m = masked_encoder()
+    layers, _ = find_layers(m)
+    batches = _padded_batches()
+    E = nh.to_array(next(t for t in m.graph.initializer if t.name == "embed")).astype(np.float64)
+    real = np.concatenate([E[b["input_ids"]][b["attention_mask"] != 0] for b in batches])
+    every = np.concatenate([E[b["input_ids"]].reshape(-1, E.shape[1]) for b in batches])
+    assert len(real) < len(every)
+    with Capture(m, layers, batches, token_mask="attention_mask") as cap:
+        g = cap.grams(layers[0], {})[0]
+    with Capture(m, layers, batches) as cap:
+        g_all = cap.grams(layers[0], {})[0]
+    assert g.m == len(real) and g_all.m == len(every)
+    np.testing.assert_allclose(g.H, real.T @ real, rtol=1e-6)
+    np.testing.assert_allclose(g_all.H, every.T @ every, rtol=1e-6)
+
+
+def test_compress_resolves_the_token_mask(tmp_path):
+    """auto finds attention_mask and the report names it; a mask of zeros everywhere is refused."""
+    from builders import masked_encoder
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig
+    from onnxspfq.errors import OnnxspfqError
+
+    onnx.save(masked_encoder(), str(tmp_path / "m.onnx"))
+    batches = _padded_batches()
+    np.savez(tmp_path / "c.npz", **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    res = compress(str(tmp_path / "m.onnx"), str(tmp_path / "c.npz"), str(tmp_path / "q.onnx"), progress=False)
+    assert res.report.config["token_mask"] == "attention_mask"
+    res = compress(str(tmp_path / "m.onnx"), str(tmp_path / "c.npz"), str(tmp_path / "q2.onnx"),
+                   CompressConfig(token_mask="none"), progress=False)
+    assert res.report.config["token_mask"] == "none"
+    np.savez(tmp_path / "z.npz", input_ids=np.concatenate([b["input_ids"] for b in batches]),
+             attention_mask=np.zeros((12, 7), np.int64))
+    with pytest.raises(OnnxspfqError, match="zero everywhere"):
+        compress(str(tmp_path / "m.onnx"), str(tmp_path / "z.npz"), str(tmp_path / "q3.onnx"), progress=False)
+    assert not (tmp_path / "q3.onnx").exists()
