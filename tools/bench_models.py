@@ -195,7 +195,8 @@ def run_one(spec: dict) -> dict:
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
-                                    avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None)
+                                    avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
+                                    token_mask=spec.get("token_mask", CompressConfig.token_mask))
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
                               "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha, "C": l.C,
