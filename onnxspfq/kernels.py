@@ -253,6 +253,18 @@ def _tril_cast(G, out):
 
 
 @njit(parallel=True, cache=CACHE)
+def gather_planes(flat, plane, pos, out):
+    """out[c, k, r] = flat[c * plane + pos[k, r]]: gram.im2col's gather, channels in parallel, no index arrays
+    (np.take with a built (channels, offsets, rows) index was 17 of 80 s of an EfficientNet-Lite0 run)."""
+    C, K, R = out.shape
+    for c in prange(C):
+        off = c * plane
+        for k in range(K):
+            for r in range(R):
+                out[c, k, r] = flat[off + pos[k, r]]
+
+
+@njit(parallel=True, cache=CACHE)
 def _scale_cols(W, ratio):
     """W * ratio[None, :] in one parallel pass."""
     out = np.empty_like(W)

@@ -278,3 +278,26 @@ def gram_phase2(Wt: np.ndarray, H: np.ndarray, xi: np.ndarray, C: float, T, P: n
     """Phase II from the Grams: v_t = w~_t + (E[:, :t] H[:t, t]) / (C d_t), E = W~ - Q."""
     gstart, grp = _group_arrays(groups, np.shape(Wt)[1])
     return _gram_phase2(_f64(Wt), _f64(H), _f64(xi), float(C), T, _f64(P), int(bs), gstart, grp, int(nkeep))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# im2col (gram.im2col gathers channel-major with kernels.gather_planes): rows-major, one fancy index per offset
+# ----------------------------------------------------------------------------------------------------------------
+def im2col_reference(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+                     dilations: tuple[int, ...], rows: np.ndarray | None = None) -> np.ndarray:
+    """gram.im2col's contract, computed the plain way: (m, C * prod(kernel)), row r = output position rows[r]."""
+    from onnxspfq.gram import conv_output_shape
+
+    x = np.asarray(x)
+    nd = len(kernel)
+    n, c = x.shape[:2]
+    out = conv_output_shape(tuple(x.shape[2:]), kernel, strides, pads, dilations)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    rows = np.arange(n * int(np.prod(out))) if rows is None else np.asarray(rows, dtype=np.int64)
+    coords = np.unravel_index(rows, (n,) + out)
+    kcount = int(np.prod(kernel))
+    cols = np.empty((len(rows), c, kcount), dtype=x.dtype)
+    for kk, offs in enumerate(np.ndindex(*kernel)):
+        idx = tuple(coords[1 + i] * strides[i] + offs[i] * dilations[i] for i in range(nd))
+        cols[:, :, kk] = np.moveaxis(xp, 1, -1)[(coords[0],) + idx]
+    return cols.reshape(len(rows), c * kcount)

@@ -357,3 +357,23 @@ def test_compress_resolves_the_token_mask(tmp_path):
     with pytest.raises(OnnxspfqError, match="zero everywhere"):
         compress(str(tmp_path / "m.onnx"), str(tmp_path / "z.npz"), str(tmp_path / "q3.onnx"), progress=False)
     assert not (tmp_path / "q3.onnx").exists()
+
+
+@pytest.mark.parametrize("shape, kernel, strides, pads, dilations", [
+    ((2, 3, 9), (3,), (2,), (1, 2), (1,)),
+    ((3, 5, 9, 8), (3, 3), (2, 1), (1, 2, 0, 1), (2, 1)),
+    ((2, 4, 7, 7), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ((2, 6, 5, 6, 7), (3, 2, 3), (1, 2, 1), (1, 0, 1, 1, 1, 0), (1, 1, 2)),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_im2col_equals_the_reference_gather(shape, kernel, strides, pads, dilations, dtype):
+    """The channel-major Numba gather = the rows-major fancy-index reference, bit for bit, all rows or a subset."""
+    from onnxspfq.gram import patch_count
+    from onnxspfq.reference import im2col_reference
+
+    x = RNG.standard_normal(shape).astype(dtype)
+    total = patch_count(shape, kernel, strides, pads, dilations)
+    for rows in (None, np.sort(RNG.choice(total, total // 3, replace=False))):
+        got = im2col(x, kernel, strides, pads, dilations, rows)
+        assert got.dtype == dtype
+        assert np.array_equal(got, im2col_reference(x, kernel, strides, pads, dilations, rows))
