@@ -17,6 +17,8 @@ from onnxspfq.calib import load_calibration, source_files, token_mask_input
 from onnxspfq.images import ImagePreprocess
 from onnxspfq.branches import taken_view, view_layers
 from onnxspfq.capture import Capture
+from onnxspfq import activations
+from onnxspfq.activations import ActScales
 from onnxspfq import mixed
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
@@ -146,11 +148,26 @@ class _Run:
     token_mask: str | None = None  # the feed marking padding tokens (calib.token_mask_input), None: every row
 
     def capture(self, config: CompressConfig, batches: list[dict[str, np.ndarray]] | None = None,
-                progress: bool = False) -> Capture:
+                progress: bool = False, act: ActScales | None = None) -> Capture:
         """The two-graph capture of this run's layers over `batches` (default: all calibration batches)."""
         return Capture(self.view, self.layers, self.batches if batches is None else batches,
                        max_patches=config.max_patches, seed=config.seed, progress=progress,
-                       token_mask=self.token_mask)
+                       token_mask=self.token_mask, act=act)
+
+    def act_tensors(self) -> tuple[set[str], list[tuple[str, str]]]:
+        """(the layer inputs W8A8 quantizes, the layers whose input stays float and why): float32 tensors of the
+        main graph (an If branch's own tensors cannot take a main-graph QuantizeLinear)."""
+        g = self.model.proto.graph
+        main = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+        keep, left = set(), []
+        for layer in self.layers:
+            if layer.input not in main:
+                left.append((layer.name, "input float: computed inside a subgraph"))
+            elif layer.weight_dtype != np.float32:
+                left.append((layer.name, f"input float: {np.dtype(layer.weight_dtype).name}, not float32"))
+            else:
+                keep.add(layer.input)
+        return keep, left
 
 
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
@@ -175,8 +192,20 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     run = _open(str(model_path), calib, output, report_path, config, compare_output, image_preprocess, batch_axes,
                 eval_data)
     bits = None if config.avg_bits is None else _mixed_bits(run, config, compare_output)
-    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits)
+    act = None
+    if config.activations is not None:
+        tensors, float_inputs = run.act_tensors()
+        act = ActScales(config.activations, tensors)
+    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config)
+    if act is not None:
+        activations.emit(compressed, act.scales, config.activations.dtype)
+        why = dict(float_inputs)
+        inputs = {layer.name: layer.input for layer in run.layers}
+        for r in layer_reports:
+            scale = act.scales.get(inputs[r.name])
+            r.note = "; ".join(filter(None, [r.note, f"input int8, scale {scale:.4g}" if scale is not None
+                                             else why.get(r.name, "input float")]))
     del floats, done
     report = Report(model=str(model_path), output=output, config=dict(config.effective(), token_mask=run.token_mask or
                     "none"), layers=layer_reports,
@@ -276,12 +305,12 @@ def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -
 
 
 def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool,
-                     bits: dict[str, mixed.Assignment] | None = None):
+                     bits: dict[str, mixed.Assignment] | None = None, act: ActScales | None = None):
     """The pass: each layer's Grams from the capture, the method on them, the compressed weight fed forward.
     bits: each layer's bits (--avg-bits), else config.quant.bits for all.
     Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = _DataFree() if data_free else run.capture(config, progress=progress)
+    capture = _DataFree() if data_free else run.capture(config, progress=progress, act=act)
     weights: dict = {}
     floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []

@@ -28,6 +28,7 @@ from onnxspfq.layers import Layer
 from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams
+from onnxspfq.activations import ActScales, fake_quant
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
@@ -73,13 +74,15 @@ class Capture:
     batches: calibration feeds; max_patches: Conv im2col rows kept per batch (random subset, same rows in X and
     X~, seeded by (seed, layer index, batch index)); None keeps all. token_mask: a feed name whose (batch,
     sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at those positions are left
-    out of the Grams (calib.token_mask_input); None keeps every row.
+    out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
+    act.tensors is fake-quantized in the compressed model (activations.py), where downstream nodes read it too.
     """
 
     def __init__(self, model: Model | onnx.ModelProto, layers: list[Layer], batches: list[dict[str, np.ndarray]],
                  max_patches: int | None = 4096, seed: int = 0, progress: bool = False,
                  memory_limit_mb: int = MEMORY_LIMIT_MB, spill_dir: str | None = None,
-                 providers: list[str] | None = None, token_mask: str | None = None) -> None:
+                 providers: list[str] | None = None, token_mask: str | None = None,
+                 act: ActScales | None = None) -> None:
         if not batches:
             raise ValueError("Capture needs at least one calibration batch")
         self.layers = list(layers)
@@ -88,6 +91,7 @@ class Capture:
         self.max_patches = max_patches
         self.seed = seed
         self.token_mask = token_mask
+        self.act = act
         self.progress = progress
         self.providers = providers or ["CPUExecutionProvider"]
         self._model = as_model(model)
@@ -107,7 +111,7 @@ class Capture:
         self._orig: dict[str, np.ndarray] = {}
         self._digests: dict[int, tuple[weakref.ref, Digest]] = {}
         self._float = self._fresh()
-        self._comp = self._fresh()
+        self._comp = self._fresh(compressed=True)
         self._last: tuple = (None, [], [])  # the last Grams built, their key and frontier arrays (_layer_grams)
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ class Capture:
         if self._float.pos > k + 1:
             self._float = self._fresh()
         if self._comp.pos > k + 1 or not self._consistent(weights):
-            self._comp = self._fresh()
+            self._comp = self._fresh(compressed=True)
         start = min(self._float.pos, self._comp.pos)
         steps = range(start, k + 1)
         if self.progress and len(steps) > 1:
@@ -154,13 +158,26 @@ class Capture:
         self.close()
 
     # -- frontiers ------------------------------------------------------------------------------------------------
-    def _fresh(self) -> _Frontier:
+    def _fresh(self, compressed: bool = False) -> _Frontier:
         f = _Frontier()
         for b, feed in enumerate(self.batches):
             for name in self._graph_inputs:
                 if name in feed:
                     f.store[(b, name)] = Held(np.asarray(feed[name]), None)
+        if compressed and self.act is not None:
+            self._quantize(f, [n for n in self._graph_inputs if n in self.act.tensors],
+                           lambda b, t: np.asarray(self.batches[b][t]))
         return f
+
+    def _quantize(self, fr: _Frontier, names: list[str], float_value) -> None:
+        """Fake-quantize the compressed frontier's tensors `names` (activation quantization), each at the scale
+        calibrated on its float values; they then count as changed for every later segment."""
+        nb = len(self.batches)
+        for t in names:
+            scale = self.act.scale(t, [float_value(b, t) for b in range(nb)])
+            for b in range(nb):
+                fr.store[(b, t)] = Held(fake_quant(fr.store[(b, t)].get(), scale), self._budget)
+            fr.tainted.add(t)
 
     def release(self, weights: dict[str, np.ndarray | Digest]) -> dict[str, np.ndarray | Digest]:
         """`weights` with each array whose last reader has run in the compressed model replaced by its Digest, so
@@ -208,11 +225,14 @@ class Capture:
             fr.used[w] = None if weights.get(w) is None else self._digest(weights[w])
         dirty = bool(replaced) or any(t in fr.tainted for t in seg.inputs)
         nb = len(self.batches)
+        quantized = ([t for t in seg.outputs if t in self.act.tensors]
+                     if self.act is not None and fr is self._comp else [])
         if (float_fr is not None and not dirty
                 and all((b, t) in float_fr.store for b in range(nb) for t in seg.outputs)):
             for b in range(nb):
                 for t in seg.outputs:
                     fr.store[(b, t)] = float_fr.store[(b, t)]
+            self._quantize(fr, quantized, lambda b, t: self._float.store[(b, t)].get())
             return
         sess = self._session(s, fr)
         feeds_w = {w: self._weight_feed(w, weights) for w in seg.weights}
@@ -223,6 +243,7 @@ class Capture:
                 fr.store[(b, t)] = Held(arr, self._budget)
         if dirty:
             fr.tainted.update(seg.outputs)
+        self._quantize(fr, quantized, lambda b, t: self._float.store[(b, t)].get())
 
     def _weight_feed(self, name: str, weights: dict[str, np.ndarray]) -> np.ndarray:
         t = self._inits[name]

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from onnxspfq.config import BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, PATHS, CompressConfig, QuantConfig
+from onnxspfq.config import (ACT_CALIBRATIONS, ACT_TYPES, BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, PATHS, ActConfig,
+                             CompressConfig, QuantConfig)
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -92,6 +93,16 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    help="calibration batch size for onnxruntime")
     c.add_argument("--max-patches", type=int, default=CompressConfig.max_patches,
                    help="Conv: at most this many im2col patches per batch")
+    c.add_argument("--activations", default="none", choices=("none", "int8"), help="int8: W8A8, each compressed "
+                   "layer's input quantized too (symmetric per tensor, calibrated on the calibration data; path "
+                   "following then corrects the activation error as well); weights at 8 bits [none: weights only]")
+    c.add_argument("--act-calibration", default=None, choices=ACT_CALIBRATIONS, help="how an activation's scale is "
+                   f"set: minmax (max|x|) or percentile (of |x|) [{ActConfig.calibration}]")
+    c.add_argument("--act-percentile", type=float, default=None, help=f"percentile of |x| mapped to 127 "
+                   f"[{ActConfig.percentile}]")
+    c.add_argument("--act-type", default=None, choices=ACT_TYPES, help="storage of the activation codes: uint8 "
+                   "with zero point 128 (onnxruntime CPU's fast kernels) or int8 with zero point 0 (TensorRT), the "
+                   f"same values [{ActConfig.dtype}]")
     c.add_argument("--token-mask", default=CompressConfig.token_mask, metavar="INPUT", help="the (batch, sequence) "
                    "model input whose zeros mark padding tokens, left out of the MatMul statistics; none: keep every "
                    "row [auto: attention_mask where the model has it]")
@@ -187,7 +198,13 @@ def _compress(a: argparse.Namespace) -> None:
     sparsity, nm = (0.0, a.sparsity) if isinstance(a.sparsity, tuple) else (a.sparsity or 0.0, None)
     if a.avg_bits is not None and a.bits is not None:
         raise OnnxspfqError("give --bits (every layer) or --avg-bits (bits per layer under a budget), not both")
-    bits = a.bits if a.bits is not None or a.sparsity is not None else 4
+    act = None if a.activations == "none" else ActConfig(
+        **{k: v for k, v in (("calibration", a.act_calibration), ("percentile", a.act_percentile),
+                             ("dtype", a.act_type)) if v is not None})
+    if act is None and any(v is not None for v in (a.act_calibration, a.act_percentile, a.act_type)):
+        raise OnnxspfqError("--act-calibration / --act-percentile / --act-type set how activations are quantized: "
+                            "add --activations int8, or drop them")
+    bits = a.bits if a.bits is not None or a.sparsity is not None else (8 if act is not None else 4)
     fmt = a.format or ("qdq" if bits is not None else "sparse")
     given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "align_ridge": a.align_ridge,
              "granularity": a.granularity,
@@ -197,7 +214,7 @@ def _compress(a: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, token_mask=a.token_mask, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
+                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

@@ -164,6 +164,7 @@ def run_one(spec: dict) -> dict:
     import onnx
 
     from onnxspfq import CompressConfig, QuantConfig
+    from onnxspfq.config import ActConfig
     from onnxspfq.api import compress
     from onnxspfq.calib import load_calibration
     from onnxspfq.evaluate import compare, run
@@ -196,7 +197,8 @@ def run_one(spec: dict) -> dict:
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
                                     avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
-                                    token_mask=spec.get("token_mask", CompressConfig.token_mask))
+                                    token_mask=spec.get("token_mask", CompressConfig.token_mask),
+                                    activations=ActConfig(**spec["activations"]) if spec.get("activations") else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
                               "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha, "C": l.C,
