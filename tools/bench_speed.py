@@ -1,0 +1,167 @@
+"""Inference speed of each output against the float model and onnxruntime's own quantizers, with each output's
+quality next to its speed, on onnxruntime CPU (issue 14). One run: every output is built first, then all are timed
+in interleaved rounds (each round runs every output once at each batch size), so machine noise hits them alike.
+
+Outputs per model (a row says "n/a" with the reason where one does not apply):
+  float               the model as given
+  onnxspfq w4         the default run (weight-only 4-bit QDQ, spfq)
+  onnxspfq w4 nbits   --format nbits (MatMul / Gemm weights as com.microsoft.MatMulNBits, accuracy level 0)
+  onnxspfq w8a8       --activations int8 (W8A8 QDQ: int8 per-channel weights, each layer input uint8 zp 128)
+  ort dynamic         onnxruntime quantize_dynamic (int8 weights, activations quantized at run time)
+  ort static          onnxruntime quantize_static (QDQ, per channel int8 weights, uint8 activations, MinMax)
+  ort nbits           onnxruntime MatMulNBitsQuantizer, 4-bit RTN, block 32 (MatMul weights only)
+Sessions: what a user gets, onnxruntime's default options (all optimisations; the weight-only QDQ outputs are then
+rewritten by onnxruntime into int8-activation kernels, FORMATS.md), intra-op threads = the machine's cores. Quality
+is measured with those same sessions on the model's evaluation data: Fashion-MNIST top-1 (10k test images),
+MiniLM-L6 cosine of sentence_embedding to the float model's (512 held-out sentences), EfficientNet-Lite0 top-1
+agreement with the float model and top-1 on the 20 labelled photos. Latency: median over the rounds.
+
+    python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0] [--rounds 20] [--json F] [--md F]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import _calibration, _eval_batches, _ort_quantize, model_files  # noqa: E402
+
+BATCH = {"fmnist_cnn": 64, "fmnist_mlp": 64, "minilm": 16, "efficientnet_lite0": 16}
+CALIB = {"fmnist_cnn": {}, "fmnist_mlp": {}, "minilm": {"samples": 256, "calib": "unpadded", "batch_size": 1},
+         "efficientnet_lite0": {"samples": 150, "batch_size": 50}}
+OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "ort dynamic", "ort static", "ort nbits")
+
+
+def build(name: str, tmp: str) -> dict[str, str]:
+    """Every output of one model: label -> path, or label -> "n/a: why"."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxspfq.api import compress
+    from onnxspfq.calib import load_calibration
+    from onnxspfq.config import ActConfig, CompressConfig, QuantConfig
+
+    files = model_files(name)
+    spec = {"model": name, **CALIB[name]}
+    calib = _calibration(name, files, spec)
+    out = {"float": str(files["model"])}
+    ours = {"onnxspfq w4": CompressConfig(), "onnxspfq w4 nbits": CompressConfig(format="nbits"),
+            "onnxspfq w8a8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig())}
+    for label, cfg in ours.items():
+        cfg = dataclasses.replace(cfg, samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
+        path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
+        t = time.perf_counter()
+        compress(str(files["model"]), calib, path, cfg, progress=False)
+        print(f"  built {name} {label} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+        out[label] = path
+    feeds = load_calibration(calib, onnx.load(str(files["model"])), samples=spec.get("samples"),
+                             batch_size=spec.get("batch_size", 16))
+    path = os.path.join(tmp, "ort_dynamic.onnx")
+    quantize_dynamic(str(files["model"]), path, weight_type=QuantType.QInt8)
+    out["ort dynamic"] = path
+    for label, kind in (("ort static", "ort-static-w8a8"), ("ort nbits", "ort-nbits-rtn")):
+        path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
+        reason = _ort_quantize(kind, files["model"], feeds, path)
+        out[label] = path if reason is None else f"n/a: {reason}"
+    return out
+
+
+def _session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count() or 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def quality(name: str, sessions: dict, eval_data) -> dict[str, dict]:
+    """Each output's metric against the float output, all from the sessions that are timed."""
+    from onnxspfq.evaluate import compare
+
+    batches, labels, reference, output = eval_data
+    outs = {k: np.concatenate([s.run([output], b)[0] for b in batches]) for k, s in sessions.items()}
+    task = "embed" if name == "minilm" else "classify"
+    res = {}
+    for k, y in outs.items():
+        a = compare(outs["float"], y, labels, task=task, k=10, output_name=output)
+        res[k] = {"cosine": a.cosine, "top1_agreement": a.top1_agreement,
+                  "top1_accuracy": a.top1_accuracy_compressed}
+    return res
+
+
+def timing(sessions: dict, feeds: dict[int, dict], rounds: int) -> dict[str, dict[int, float]]:
+    """Median seconds per run of each session at each batch size, interleaved rounds after one warm-up each."""
+    times = {k: {b: [] for b in feeds} for k in sessions}
+    for k, s in sessions.items():
+        for f in feeds.values():
+            s.run(None, f)
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for b, f in feeds.items():
+                t = time.perf_counter()
+                s.run(None, f)
+                times[k][b].append(time.perf_counter() - t)
+    return {k: {b: float(np.median(v)) for b, v in d.items()} for k, d in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "minilm", "efficientnet_lite0"], choices=list(BATCH))
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--json", default="docs/results_speed.json")
+    ap.add_argument("--md", default="docs/RESULTS_speed.md")
+    a = ap.parse_args()
+    doc = {"command": "python tools/bench_speed.py " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M"),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "models": {}}
+    lines = [f"`{doc['command']}` ({doc['started']}, {doc['machine']}); latency = median of {a.rounds} interleaved "
+             "rounds, onnxruntime default session options; x float = float latency / this latency (> 1 is faster)", ""]
+    for name in a.models:
+        files = model_files(name)
+        if not all(Path(p).exists() for p in files.values()):
+            print(f"{name}: skipped (missing {files}; see models/README.md)", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            built = build(name, tmp)
+            sessions = {k: _session(p) for k, p in built.items() if not p.startswith("n/a")}
+            eval_data = _eval_batches(name, files, 512 if name == "minilm" else None)
+            q = quality(name, sessions, eval_data)
+            first = eval_data[0][0]
+            feeds = {b: {k: v[:b] for k, v in first.items()} for b in (1, BATCH[name])}
+            t = timing(sessions, feeds, a.rounds)
+            sizes = {k: os.path.getsize(p) + sum(os.path.getsize(x) for x in Path(p).parent.glob(Path(p).name + ".data"))
+                     for k, p in built.items() if not p.startswith("n/a")}
+        doc["models"][name] = {"built": {k: (v if v.startswith("n/a") else "ok") for k, v in built.items()},
+                               "quality": q, "latency_s": t, "bytes": sizes}
+        metric = "cosine" if name == "minilm" else ("top1_accuracy" if name.startswith("fmnist") else "top1_agreement")
+        bs = BATCH[name]
+        lines += [f"**{name}** (quality: {metric.replace('_', ' ')} vs float"
+                  f"{'; top-1 on the labelled photos in brackets' if name == 'efficientnet_lite0' else ''})", "",
+                  f"| output | MB | quality | batch 1 ms | x float | batch {bs} ms | x float |", "|---|---|---|---|---|---|---|"]
+        for k in OUTPUTS:
+            if k not in built:
+                continue
+            if built[k].startswith("n/a"):
+                lines.append(f"| {k} | | {built[k]} | | | | |")
+                continue
+            v = q[k][metric]
+            extra = f" ({q[k]['top1_accuracy']:.2f})" if name == "efficientnet_lite0" else ""
+            lines.append(f"| {k} | {sizes[k] / 1e6:.2f} | {v:.4f}{extra} | {1e3 * t[k][1]:.2f} | "
+                         f"{t['float'][1] / t[k][1]:.2f} | {1e3 * t[k][bs]:.2f} | {t['float'][bs] / t[k][bs]:.2f} |")
+        lines.append("")
+        print("\n".join(lines[-len(OUTPUTS) - 4:]), flush=True)
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+        Path(a.md).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
