@@ -16,6 +16,7 @@ is measured with those same sessions on the model's evaluation data: Fashion-MNI
 MiniLM-L6 cosine of sentence_embedding to the float model's (512 held-out sentences), EfficientNet-Lite0 top-1
 agreement with the float model and top-1 on the 20 labelled photos. Latency: median over the rounds.
 
+    pip install -e ".[bench]"   # onnxruntime's MatMulNBits quantizer imports onnx-ir
     python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0] [--rounds 20] [--json F] [--md F]
 """
 from __future__ import annotations
