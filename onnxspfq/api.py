@@ -22,6 +22,7 @@ from onnxspfq.activations import ActScales
 from onnxspfq import mixed
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
+from onnxspfq import emit_qdq
 from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate, held_out_source
@@ -198,6 +199,11 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         act = ActScales(config.activations, tensors)
     done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config)
+    if config.opset is not None:
+        compressed = emit_qdq.raise_opset(compressed, config.opset)
+        if emit_qdq.default_opset(compressed) != config.opset:
+            raise OnnxspfqError(f"internal check failed: the output is at opset {emit_qdq.default_opset(compressed)}, "
+                                f"not --opset {config.opset}; please report this")
     if act is not None:
         activations.emit(compressed, act.scales, config.activations.dtype)
         why = dict(float_inputs)
@@ -207,8 +213,11 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             r.note = "; ".join(filter(None, [r.note, f"input int8, scale {scale:.4g}" if scale is not None
                                              else why.get(r.name, "input float")]))
     del floats, done
+    before, after = emit_qdq.default_opset(run.model.proto), emit_qdq.default_opset(compressed)
     report = Report(model=str(model_path), output=output, config=dict(config.effective(), token_mask=run.token_mask or
-                    "none"), layers=layer_reports,
+                    "none"), layers=layer_reports, opset=(f"opset {before}" if before == after else
+                    f"opset raised {before} -> {after}" + ("" if config.opset else " (what the stored weights "
+                                                             "need; --opset pins it)")),
                     skipped=run.skipped, size_before=model_file_bytes(str(model_path)))
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
     # the file, then moved in place together with the report: both or neither
@@ -273,8 +282,29 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         if not layers:
             raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
                                 "branches without layers): nothing to do")
+    _check_opset(config, model.proto, layers)
     token_mask = token_mask_input(config.token_mask, model.proto, batches)
     return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask)
+
+
+def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[Layer]) -> None:
+    """--opset: refused before any work when the model is above it or the stored weights need more."""
+    if config.opset is None:
+        return
+    current = emit_qdq.default_opset(proto)
+    if current > config.opset:
+        raise OnnxspfqError(f"the model is at opset {current}, above --opset {config.opset}: the tool never lowers "
+                            f"an opset; use --opset {current} or higher")
+    q = config.quant
+    bits = set(mixed.CHOICES) if config.avg_bits is not None else {q.bits}
+    qdq_weights = config.format == "qdq" or (config.format == "nbits" and (
+        any(layer.op not in ("MatMul", "Gemm") for layer in layers) or bits & {3}))  # what nbits leaves to QDQ
+    if q.bits is None or not qdq_weights:
+        return
+    need, why = emit_qdq.required_opset(bits, q.granularity == "block")
+    if need > config.opset:
+        raise OnnxspfqError(f"--opset {config.opset} cannot hold this output: {why}, which DequantizeLinear reads "
+                            f"from opset {need}; use --opset {need} or higher, or fewer bits' formats (8 bits: opset 13)")
 
 
 def _at_bits(config: CompressConfig, bits: int) -> CompressConfig:

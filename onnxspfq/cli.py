@@ -103,6 +103,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--act-type", default=None, choices=ACT_TYPES, help="storage of the activation codes: uint8 "
                    "with zero point 128 (onnxruntime CPU's fast kernels) or int8 with zero point 0 (TensorRT), the "
                    f"same values [{ActConfig.dtype}]")
+    c.add_argument("--opset", type=int, default=None, help="the output's default-domain opset (never below the "
+                   "model's; refused when the stored weights need more: 4 / 3 bits and block scales 21, 2 / 1 bits 25, "
+                   "8 bits 13) [the model's own, raised only as far as needed]")
     c.add_argument("--token-mask", default=CompressConfig.token_mask, metavar="INPUT", help="the (batch, sequence) "
                    "model input whose zeros mark padding tokens, left out of the MatMul statistics; none: keep every "
                    "row [auto: attention_mask where the model has it]")
@@ -214,7 +217,7 @@ def _compress(a: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
+                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

@@ -229,6 +229,8 @@ class CompressConfig:
     avg_bits: float | None = None
     # W8A8: each compressed layer's input quantized too (int8 per tensor), the weights at 8 bits; None: weights only
     activations: ActConfig | None = None
+    # the output's default-domain opset; None: the model's own, raised only as far as the stored weights need
+    opset: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -257,6 +259,9 @@ class CompressConfig:
             if self.format in ("float", "sparse"):
                 raise OnnxspfqError(f"--avg-bits budgets the stored integer bits; --format {self.format} stores floats: "
                                     "use --format qdq or nbits")
+        if self.opset is not None and not 7 <= self.opset <= 25:
+            raise OnnxspfqError(f"--opset must be in 7..25 (onnxruntime's CPU DequantizeLinear stops at 25), got "
+                                f"{self.opset}")
         if self.activations is not None:
             if self.quant.bits != 8 or self.avg_bits is not None:
                 raise OnnxspfqError("--activations int8 quantizes weights and activations to 8 bits (W8A8): use "

@@ -109,6 +109,22 @@ def _group_by_weight(items: list[tuple[Any, Any, int]]) -> dict[str, tuple[Any, 
     return groups
 
 
+def required_opset(bits: set[int], blocked: bool) -> tuple[int, str]:
+    """The lowest default-domain opset whose DequantizeLinear holds these weights, and why (for --opset)."""
+    need, why = 0, ""
+    for b in sorted(bits):
+        if _STORAGE[b][2] > need:
+            need, why = _STORAGE[b][2], f"{b}-bit weights are stored as {_STORAGE[b][1]}"
+    if blocked and _BLOCKWISE_OPSET > need:
+        need, why = _BLOCKWISE_OPSET, "block-wise scales"
+    return need, why
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset."""
+    return _default_opset(model)
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     for op in model.opset_import:
         if op.domain in _DEFAULT_DOMAINS:
@@ -122,6 +138,11 @@ def min_ir_version(opset: int) -> int:
         if ai_onnx >= opset:
             return ir
     raise OnnxspfqError(f"opset {opset} is newer than this onnx package knows: upgrade onnx")
+
+
+def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """`model` at default-domain opset >= `target` (the version converter), IR matching (--opset)."""
+    return _raise_opset(model, target)
 
 
 def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

@@ -118,3 +118,4 @@ def test_w8a8_run_on_the_cnn(tmp_path, fmnist_cnn, fmnist_calib_small):
     assert quantized == {layer.input for layer in layers}
     assert all("input int8, scale" in r.note for r in res.report.layers)
     assert res.report.agreement.top1_agreement > 0.95
+

@@ -59,3 +59,21 @@ def test_reported_layer_error_matches_a_direct_computation(fmnist_mlp, fmnist_ca
     W = src[node.input[1]].astype(np.float64)
     rel = np.sum((X @ W.T - X @ Q.T) ** 2) / np.sum((X @ W.T) ** 2)  # Gemm transB=1: W is [N, K]
     assert first.rel_error == pytest.approx(rel, rel=1e-4)
+
+
+def test_opset_is_pinned_or_raised_and_said(tmp_path, fmnist_mlp, fmnist_calib_small):
+    """--opset pins the output's opset; without it the opset is raised only as far as the stored weights need,
+    and the report says so (int8: opset 13, below the model's 17, so unchanged; INT4: 21)."""
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig, QuantConfig
+    from onnxspfq.emit_qdq import default_opset
+
+    runs = {"pinned": CompressConfig(quant=QuantConfig(bits=8), opset=21), "int8": CompressConfig(quant=QuantConfig(bits=8)),
+            "int4": CompressConfig()}
+    got = {}
+    for k, cfg in runs.items():
+        res = compress(str(fmnist_mlp), str(fmnist_calib_small), str(tmp_path / f"{k}.onnx"), cfg, progress=False)
+        got[k] = (default_opset(onnx.load(str(tmp_path / f"{k}.onnx"))), res.report.opset)
+    assert got["pinned"] == (21, "opset raised 17 -> 21")
+    assert got["int8"] == (17, "opset 17")
+    assert got["int4"][0] == 21 and got["int4"][1].startswith("opset raised 17 -> 21 (what the stored weights need")
