@@ -14,10 +14,13 @@ Sessions: what a user gets, onnxruntime's default options (all optimisations; th
 rewritten by onnxruntime into int8-activation kernels, FORMATS.md), intra-op threads = the machine's cores. Quality
 is measured with those same sessions on the model's evaluation data: Fashion-MNIST top-1 (10k test images),
 MiniLM-L6 cosine of sentence_embedding to the float model's (512 held-out sentences), EfficientNet-Lite0 top-1
-agreement with the float model and top-1 on the 20 labelled photos. Latency: median over the rounds.
+agreement with the float model and top-1 on the 20 labelled photos, the random-weight Qwen2 decoder (qwen2_tiny)
+top-1 agreement and cosine of the logits per position on 8 x 128 held-out random tokens. Latency: median over
+the rounds; the decoder graph has no KV cache, so its rows are one token (a decode step's shapes) and a 128-token
+prefill of one sequence.
 
     pip install -e ".[bench]"   # onnxruntime's MatMulNBits quantizer imports onnx-ir
-    python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0] [--rounds 20] [--json F] [--md F]
+    python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0 qwen2_tiny] [--rounds 20] [--json F] [--md F]
 """
 from __future__ import annotations
 
@@ -33,16 +36,42 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "models"))
 from bench_models import _calibration, _eval_batches, _ort_quantize, model_files  # noqa: E402
 
-BATCH = {"fmnist_cnn": 64, "fmnist_mlp": 64, "minilm": 16, "efficientnet_lite0": 16}
+DECODER = "qwen2_tiny"  # random weights from a real architecture (models/README.md): no checkpoint offline
+BATCH = {"fmnist_cnn": 64, "fmnist_mlp": 64, "minilm": 16, "efficientnet_lite0": 16, DECODER: 128}
 CALIB = {"fmnist_cnn": {}, "fmnist_mlp": {}, "minilm": {"samples": 256, "calib": "unpadded", "batch_size": 1},
-         "efficientnet_lite0": {"samples": 150, "batch_size": 50}}
+         "efficientnet_lite0": {"samples": 150, "batch_size": 50}, DECODER: {"batch_size": 4}}
+
+
+def _files(name: str, tmp: str) -> dict:
+    """model_files, and for the decoder its materialised weights with 16 x 128 calibration and 8 x 128 held-out
+    random tokens (tools/bench_decoder.py's)."""
+    if name != DECODER:
+        return model_files(name)
+    import llm_weights
+
+    model = llm_weights.ensure_tiny()
+    vocab = 8192
+    return {"model": model, "calib": llm_weights.write_tokens(f"{tmp}/calib.npz", vocab, 16, 128, 1),
+            "eval": llm_weights.write_tokens(f"{tmp}/eval.npz", vocab, 8, 128, 2)}
+
+
+def _eval(name: str, files: dict):
+    """(batches, labels, reference, output) as bench_models._eval_batches gives them; the decoder: its held-out
+    tokens, one sequence per batch, logits compared per position."""
+    if name != DECODER:
+        return _eval_batches(name, files, 512 if name == "minilm" else None)
+    with np.load(files["eval"]) as z:
+        data = {k: z[k] for k in z.files}
+    return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(data["input_ids"]))], None, None, "logits"
 OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "ort dynamic", "ort static", "ort nbits")
 
 
-def build(name: str, tmp: str) -> dict[str, str]:
+def build(name: str, tmp: str, files: dict) -> dict[str, str]:
     """Every output of one model: label -> path, or label -> "n/a: why"."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -51,7 +80,6 @@ def build(name: str, tmp: str) -> dict[str, str]:
     from onnxspfq.calib import load_calibration
     from onnxspfq.config import ActConfig, CompressConfig, QuantConfig
 
-    files = model_files(name)
     spec = {"model": name, **CALIB[name]}
     calib = _calibration(name, files, spec)
     out = {"float": str(files["model"])}
@@ -91,6 +119,8 @@ def quality(name: str, sessions: dict, eval_data) -> dict[str, dict]:
 
     batches, labels, reference, output = eval_data
     outs = {k: np.concatenate([s.run([output], b)[0] for b in batches]) for k, s in sessions.items()}
+    if name == DECODER:  # logits per position: one row per token
+        outs = {k: v.reshape(-1, v.shape[-1]) for k, v in outs.items()}
     task = "embed" if name == "minilm" else "classify"
     res = {}
     for k, y in outs.items():
@@ -117,7 +147,8 @@ def timing(sessions: dict, feeds: dict[int, dict], rounds: int) -> dict[str, dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "minilm", "efficientnet_lite0"], choices=list(BATCH))
+    ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "minilm", "efficientnet_lite0", DECODER],
+                    choices=list(BATCH))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", default="docs/results_speed.json")
     ap.add_argument("--md", default="docs/RESULTS_speed.md")
@@ -127,27 +158,35 @@ def main() -> None:
     lines = [f"`{doc['command']}` ({doc['started']}, {doc['machine']}); latency = median of {a.rounds} interleaved "
              "rounds, onnxruntime default session options; x float = float latency / this latency (> 1 is faster)", ""]
     for name in a.models:
-        files = model_files(name)
-        if not all(Path(p).exists() for p in files.values()):
-            print(f"{name}: skipped (missing {files}; see models/README.md)", flush=True)
-            continue
         with tempfile.TemporaryDirectory() as tmp:
-            built = build(name, tmp)
+            files = _files(name, tmp)
+            if not all(Path(p).exists() for p in files.values()):
+                print(f"{name}: skipped (missing {files}; see models/README.md)", flush=True)
+                continue
+            built = build(name, tmp, files)
             sessions = {k: _session(p) for k, p in built.items() if not p.startswith("n/a")}
-            eval_data = _eval_batches(name, files, 512 if name == "minilm" else None)
+            eval_data = _eval(name, files)
             q = quality(name, sessions, eval_data)
             first = eval_data[0][0]
-            feeds = {b: {k: v[:b] for k, v in first.items()} for b in (1, BATCH[name])}
+            if name == DECODER:  # one token (a decode step's shapes, no KV cache in this graph) and a prefill
+                feeds = {b: {k: v[:, :b] for k, v in first.items()} for b in (1, BATCH[name])}
+            else:
+                feeds = {b: {k: v[:b] for k, v in first.items()} for b in (1, BATCH[name])}
             t = timing(sessions, feeds, a.rounds)
             sizes = {k: os.path.getsize(p) + sum(os.path.getsize(x) for x in Path(p).parent.glob(Path(p).name + ".data"))
                      for k, p in built.items() if not p.startswith("n/a")}
+            del sessions
         doc["models"][name] = {"built": {k: (v if v.startswith("n/a") else "ok") for k, v in built.items()},
                                "quality": q, "latency_s": t, "bytes": sizes}
-        metric = "cosine" if name == "minilm" else ("top1_accuracy" if name.startswith("fmnist") else "top1_agreement")
+        metric = ("cosine" if name == "minilm" else "top1_accuracy" if name.startswith("fmnist") else
+                  "top1_agreement")
         bs = BATCH[name]
-        lines += [f"**{name}** (quality: {metric.replace('_', ' ')} vs float"
-                  f"{'; top-1 on the labelled photos in brackets' if name == 'efficientnet_lite0' else ''})", "",
-                  f"| output | MB | quality | batch 1 ms | x float | batch {bs} ms | x float |", "|---|---|---|---|---|---|---|"]
+        unit = "tokens" if name == DECODER else "batch"
+        extra_head = {"efficientnet_lite0": "; top-1 on the labelled photos in brackets",
+                      DECODER: "; logits cosine in brackets; 1 token and a 128-token prefill of one sequence"}
+        lines += [f"**{name}** (quality: {metric.replace('_', ' ')} vs float{extra_head.get(name, '')})", "",
+                  f"| output | MB | quality | {unit} 1 ms | x float | {unit} {bs} ms | x float |",
+                  "|---|---|---|---|---|---|---|"]
         for k in OUTPUTS:
             if k not in built:
                 continue
@@ -155,7 +194,8 @@ def main() -> None:
                 lines.append(f"| {k} | | {built[k]} | | | | |")
                 continue
             v = q[k][metric]
-            extra = f" ({q[k]['top1_accuracy']:.2f})" if name == "efficientnet_lite0" else ""
+            extra = (f" ({q[k]['top1_accuracy']:.2f})" if name == "efficientnet_lite0" else
+                     f" ({q[k]['cosine']:.4f})" if name == DECODER else "")
             lines.append(f"| {k} | {sizes[k] / 1e6:.2f} | {v:.4f}{extra} | {1e3 * t[k][1]:.2f} | "
                          f"{t['float'][1] / t[k][1]:.2f} | {1e3 * t[k][bs]:.2f} | {t['float'][bs] / t[k][bs]:.2f} |")
         lines.append("")
