@@ -188,7 +188,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     Memory: the model's weights are read one layer at a time and each compressed float weight is dropped once
     the capture has run its last reader; what stays is the emitted integer codes.
     """
-    config = config or CompressConfig()
+    config = (config or CompressConfig()).resolved()
     t_start = time.perf_counter()
     run = _open(str(model_path), calib, output, report_path, config, compare_output, image_preprocess, batch_axes,
                 eval_data)

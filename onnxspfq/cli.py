@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from onnxspfq.config import (ACT_CALIBRATIONS, ACT_TYPES, BITS, FORMATS, GRANULARITIES, METHODS, OPERATORS, PATHS, ActConfig,
-                             CompressConfig, QuantConfig)
+from onnxspfq.config import (ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, FORMATS, GRANULARITIES, METHODS,
+                             OPERATORS, PATHS, ActConfig, CompressConfig, QuantConfig)
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -81,7 +81,7 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
     c.add_argument("--align-ridge", type=float, default=None, help="spfq's projected path quantizes the weights "
                    "aligned to the compressed model's inputs, ridge-regularised toward W: 0 = perfect alignment, inf = W "
-                   f"itself (OPTQ) [{QuantConfig.align_ridge}]")
+                   f"itself (OPTQ) [{ALIGN_RIDGE}; inf with --activations int8]")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="path following / "
                    "GPTQ over the input columns in decreasing order of their energy (largest inputs first; not with "
                    "N:M or block granularity) [on for spfq's projected path where allowed, off for the baselines]")

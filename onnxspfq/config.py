@@ -1,11 +1,18 @@
 """Configuration as plain, validated dataclasses."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import math
 
 from onnxspfq.errors import OnnxspfqError
+
+# The projected path's alignment ridge (QuantConfig.align_ridge): 1 for weight-only runs (docs/RESULTS.md section
+# 11); none (inf: W itself) when activations are quantized too, where the alignment fits the rare rows whose inputs
+# were clipped: MiniLM-L6 W8A8 cosine 0.857 with ridge 1 and percentile calibration, 0.983 with no alignment; the
+# CNN and EfficientNet-Lite0 tied (section 13)
+ALIGN_RIDGE = 1.0
+ALIGN_RIDGE_W8A8 = math.inf
 
 BITS = (8, 4, 3, 2, 1)
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
@@ -77,7 +84,7 @@ class QuantConfig:
     path: str | None = None
     # MiniLM-L6 (docs/RESULTS.md section 11): projected path on W 0.9853 / 0.9479 cosine at 4 / 3 bits, on the ridge-
     # aligned W~ with ridge 1: 0.9877 / 0.9578 (ridge 0.3 and 3 measured there too)
-    align_ridge: float = 1.0
+    align_ridge: float | None = None  # None: ALIGN_RIDGE, or ALIGN_RIDGE_W8A8 under --activations int8
     granularity: str = "channel"
     block_size: int = 128
     order: int = 1
@@ -104,7 +111,8 @@ class QuantConfig:
                                 "1e6) to damp the correction")
         if self.operator is not None and self.operator not in OPERATORS:
             raise OnnxspfqError(f"unknown operator {self.operator!r}: use one of {', '.join(OPERATORS)}")
-        if not 0 <= self.align_ridge <= math.inf or self.align_ridge != self.align_ridge:
+        if self.align_ridge is not None and (not 0 <= self.align_ridge <= math.inf
+                                             or self.align_ridge != self.align_ridge):
             raise OnnxspfqError(f"align_ridge must be >= 0 (inf: no alignment), got {self.align_ridge}: e.g. --align-ridge 1")
         if self.path is not None and self.path not in PATHS:
             raise OnnxspfqError(f"unknown path {self.path!r}: use one of {', '.join(PATHS)}")
@@ -135,8 +143,13 @@ class QuantConfig:
     def effective(self) -> dict:
         """Every setting as it runs: the fields, with defaults that depend on others resolved."""
         d = asdict(self)
-        d["draws"], d["operator"], d["path"] = self.n_draws, self.T, self.route
+        d["draws"], d["operator"], d["path"], d["align_ridge"] = self.n_draws, self.T, self.route, self.ridge
         return d
+
+    @property
+    def ridge(self) -> float:
+        """The alignment ridge the projected path runs with (see `align_ridge`)."""
+        return ALIGN_RIDGE if self.align_ridge is None else self.align_ridge
 
     @property
     def T(self) -> str:
@@ -187,10 +200,9 @@ class ActConfig:
     its scale from the float values on the calibration data: "minmax" maps max|x| to 127; "percentile" that
     percentile of |x|, clipping the rare outliers (of transformer activations) instead of spending the grid on them."""
 
-    # minmax measured best with the default method (tools/bench_models.py --one rows, docs/RESULTS.md section 13):
-    # MiniLM-L6 cosine 0.978 vs 0.857 with percentile 99.99 (whose clipped outliers the ridge alignment then fits
-    # on the calibration rows), EfficientNet-Lite0 top-1 agreement 20/20 vs 19/20, the CNN 91.74 vs 91.72 %
-    calibration: str = "minmax"
+    # percentile with the W8A8 default path (no alignment, ALIGN_RIDGE_W8A8) measured best (docs/RESULTS.md
+    # section 13): MiniLM-L6 cosine 0.9834 vs 0.9757 with minmax; the CNN and EfficientNet-Lite0 tied
+    calibration: str = "percentile"
     percentile: float = 99.99
     # how the symmetric codes are stored: uint8 with zero point 128 holds the same values as int8 with zero point
     # 0, and is what onnxruntime's CPU int8 kernels (u8 x s8) run fast: MiniLM-L6 W8A8 at batch 16 ran 46 ms as
@@ -271,6 +283,14 @@ class CompressConfig:
                                     f"qdq, not {self.format}")
         for option, why in self.ignored():
             raise OnnxspfqError(f"{option} has no effect here: {why}; drop it")
+
+    def resolved(self) -> "CompressConfig":
+        """This run's settings with the defaults that depend on other options filled in: the projected path's
+        alignment ridge under activation quantization (ALIGN_RIDGE_W8A8)."""
+        q = self.quant
+        if self.activations is not None and q.align_ridge is None and self.method == "spfq" and q.route != "plain":
+            return replace(self, quant=replace(q, align_ridge=ALIGN_RIDGE_W8A8))
+        return self
 
     def ignored(self) -> list[tuple[str, str]]:
         """Settings given a non-default value that this run would not read: (option, why). They are refused, as a

@@ -109,7 +109,7 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     forms = [] if config.route == "projected" else [Form("plain", core, T, stochastic, Cs)]
     if config.route != "plain":
         damp = max(config.damp, FEW_ROWS_DAMP) if stats.m < 2 * L.W.shape[1] else config.damp
-        target = None if L.same or not math.isfinite(config.align_ridge) else _ridge_align(L, config.align_ridge)
+        target = None if L.same or not math.isfinite(config.ridge) else _ridge_align(L, config.ridge)
         forms.append(Form("projected", _optq_core(L, config, damp=damp, target=target), T, stochastic))
     return run("spfq", L, config, rng, forms, groups)
 

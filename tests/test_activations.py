@@ -118,4 +118,19 @@ def test_w8a8_run_on_the_cnn(tmp_path, fmnist_cnn, fmnist_calib_small):
     assert quantized == {layer.input for layer in layers}
     assert all("input int8, scale" in r.note for r in res.report.layers)
     assert res.report.agreement.top1_agreement > 0.95
+    assert res.report.config["quant"]["align_ridge"] == float("inf")  # the W8A8 default: no alignment
+
+
+def test_w8a8_default_ridge_and_a_given_one():
+    """Under --activations int8 the projected path runs without alignment unless --align-ridge is given; weight-only
+    runs keep the weight-only default; other methods have nothing to resolve."""
+    from onnxspfq.config import ALIGN_RIDGE, CompressConfig, QuantConfig
+
+    w8a8 = CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig())
+    assert w8a8.resolved().quant.ridge == float("inf")
+    given = CompressConfig(quant=QuantConfig(bits=8, align_ridge=2.0), activations=ActConfig())
+    assert given.resolved().quant.ridge == 2.0
+    assert CompressConfig().resolved().quant.ridge == ALIGN_RIDGE
+    gptq = CompressConfig(method="gptq", quant=QuantConfig(bits=8), activations=ActConfig())
+    assert gptq.resolved() is gptq
 

@@ -192,7 +192,7 @@ def run_one(spec: dict) -> dict:
                                 c_alpha=spec.get("c_alpha"), granularity=spec.get("granularity", "channel"),
                                 block_size=spec.get("block_size", 128), draws=spec.get("draws"),
                                 act_order=spec.get("act_order"), damp=spec.get("damp", QuantConfig.damp),
-                                align_ridge=spec.get("align_ridge", QuantConfig.align_ridge))
+                                align_ridge=spec.get("align_ridge"))
             config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
