@@ -7,6 +7,7 @@ Outputs per model (a row says "n/a" with the reason where one does not apply):
   onnxspfq w4         the default run (weight-only 4-bit QDQ, spfq)
   onnxspfq w4 nbits   --format nbits (MatMul / Gemm weights as com.microsoft.MatMulNBits, accuracy level 0)
   onnxspfq w8a8       --activations int8 (W8A8 QDQ: int8 per-channel weights, each layer input uint8 zp 128)
+  onnxspfq w8a8 int8  the same with --act-type int8 (zero point 0, TensorRT's form: the same values)
   ort dynamic         onnxruntime quantize_dynamic (int8 weights, activations quantized at run time)
   ort static          onnxruntime quantize_static (QDQ, per channel int8 weights, uint8 activations, MinMax)
   ort nbits           onnxruntime MatMulNBitsQuantizer, 4-bit RTN, block 32 (MatMul weights only)
@@ -68,7 +69,7 @@ def _eval(name: str, files: dict):
     with np.load(files["eval"]) as z:
         data = {k: z[k] for k in z.files}
     return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(data["input_ids"]))], None, None, "logits"
-OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "ort dynamic", "ort static", "ort nbits")
+OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "onnxspfq w8a8 int8", "ort dynamic", "ort static", "ort nbits")
 
 
 def build(name: str, tmp: str, files: dict) -> dict[str, str]:
@@ -84,7 +85,8 @@ def build(name: str, tmp: str, files: dict) -> dict[str, str]:
     calib = _calibration(name, files, spec)
     out = {"float": str(files["model"])}
     ours = {"onnxspfq w4": CompressConfig(), "onnxspfq w4 nbits": CompressConfig(format="nbits"),
-            "onnxspfq w8a8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig())}
+            "onnxspfq w8a8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig()),
+            "onnxspfq w8a8 int8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig(dtype="int8"))}
     for label, cfg in ours.items():
         cfg = dataclasses.replace(cfg, samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
         path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
