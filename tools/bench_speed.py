@@ -69,7 +69,8 @@ def _eval(name: str, files: dict):
     with np.load(files["eval"]) as z:
         data = {k: z[k] for k in z.files}
     return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(data["input_ids"]))], None, None, "logits"
-OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "onnxspfq w8a8 int8", "ort dynamic", "ort static", "ort nbits")
+OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w8a8", "onnxspfq w8a8 int8", "ort dynamic",
+           "ort static", "ort nbits")
 
 
 def build(name: str, tmp: str, files: dict) -> dict[str, str]:
