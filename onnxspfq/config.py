@@ -205,8 +205,9 @@ class ActConfig:
     calibration: str = "percentile"
     percentile: float = 99.99
     # how the symmetric codes are stored: uint8 with zero point 128 holds the same values as int8 with zero point
-    # 0, and is what onnxruntime's CPU int8 kernels (u8 x s8) run fast: MiniLM-L6 W8A8 at batch 16 ran 46 ms as
-    # uint8 and 97 ms as int8 (float: 105 ms); TensorRT reads only int8 with zero point 0
+    # 0, and is what onnxruntime's CPU int8 kernels (u8 x s8) run fast: MiniLM-L6 W8A8 1.83x / 1.78x faster than
+    # float at batch 1 / 16 as uint8, 0.70x / 1.11x as int8 (`tools/bench_speed.py --models minilm`, RESULTS.md
+    # section 13); TensorRT reads only int8 with zero point 0
     dtype: str = "uint8"
 
     def __post_init__(self) -> None:
