@@ -136,7 +136,8 @@ def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pad
     pos = koff[:, None] + base[None, :]  # (kernel offsets, rows): flat index of channel 0's value
     # gathered channel-major, (C, offsets, rows), each write contiguous and each read walking one channel plane;
     # returned as its transposed view. Gathering rows-major (rows, C, offsets), as reference.im2col_reference does,
-    # wrote with a stride of the kernel size: 0.9 s per EfficientNet-Lite0 5x5 depthwise batch (3,136 x 16,800).
+    # wrote with a stride of the kernel size; with this gather and the group layout of add_groups EfficientNet-Lite0's
+    # whole run went from 120.7 s to 64.9 s (tools/bench_pipeline.py, docs/RESULTS.md section 12).
     cols = np.empty((c, len(koff), len(rows)), dtype=x.dtype)
     u = np.dtype(f"u{x.itemsize}")  # a copy: gathered as unsigned ints of the same width (Numba has no float16)
     gather_planes(xp.reshape(-1).view(u), es[1], pos, cols.view(u))
