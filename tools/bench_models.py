@@ -198,7 +198,7 @@ def run_one(spec: dict) -> dict:
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
                                     avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
                                     token_mask=spec.get("token_mask", CompressConfig.token_mask),
-                                    activations=ActConfig(**spec["activations"]) if spec.get("activations") else None)
+                                    activations=ActConfig(**spec["activations"]) if spec.get("activations") is not None else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
                               "clip_fraction": l.clip_fraction, "c_alpha": l.c_alpha, "C": l.C,
@@ -230,6 +230,7 @@ def _fmnist_specs(name: str) -> list[dict]:
     out += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in (4, 3)]  # mixed precision, B = bits
     out += [{**base, "method": m, "bits": b, "refit": True} for b in (4, 2, 1) for m in ("spfq", "gpfq")]
     out.append({**base, "method": "ort-static-w8a8", "bits": 8})
+    out.append({**base, "method": "spfq", "bits": 8, "activations": {}})  # --activations int8, its defaults
     i5 = {**base, "group": "issue5"}
     sparse = {**i5, "bits": None, "format": "sparse"}
     out += [{**sparse, "method": "spfq", "sparsity": 0.5}, {**sparse, "method": "spfq", "sparsity": 0.5,
@@ -264,7 +265,8 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             extra = [{**base, "method": m, "bits": 4, "granularity": "block", "block_size": 32}
                      for m in ("rtn", "gpfq", "spfq")]
             extra.append({**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16})
-            ort = [{**base, "method": "ort-static-w8a8", "bits": 8}]
+            ort = [{**base, "method": "ort-static-w8a8", "bits": 8},
+                   {**base, "method": "spfq", "bits": 8, "activations": {}}]
             ort += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
             specs[name] = grid + extra + ort
         else:
@@ -273,7 +275,8 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             specs[name] += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits
                             if b in (4, 3)]
             specs[name] += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in large_bits if b in (4, 3)]
-            specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8}]
+            specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8},
+                            {**base, "method": "spfq", "bits": 8, "activations": {}}]
             specs[name] += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]
     order = [m for m in ("fmnist_cnn", "fmnist_mlp", "minilm", "efficientnet_lite0") if m in specs]
     order += [m for m in specs if m not in order]

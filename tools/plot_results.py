@@ -22,6 +22,8 @@ def label(r: dict) -> str:
         s += f" path={r['path']}"
     if r.get("avg_bits"):
         s += " --avg-bits"
+    if r.get("activations") is not None:
+        s += " w8a8" + "".join(f" {k}={v}" for k, v in sorted(r["activations"].items()))
     if r.get("refit"):
         s += "+refit"
     if r.get("c_alpha") is not None:
