@@ -7,6 +7,7 @@ Configs: onnxspfq methods {rtn, gpfq, spfq, gptq} x bits {8, 4, 3, 2, 1} (fewer 
   ort-static-w8a8   onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, uint8 activations,
                     MinMax calibration on the same calibration samples (quantize_static has no weight-only mode,
                     so activations are quantized too: not a like-for-like weight-only comparison);
+  spfq w8a8         ours with --activations int8 (its defaults), the like-for-like row for ort-static-w8a8;
   ort-nbits-rtn / ort-nbits-gptq / ort-nbits-default   MatMulNBitsQuantizer at 4 bits (RTN and GPTQ algos, and the
                     default blockwise one), all symmetric with block 32 (the asymmetric RTN path of onnxruntime 1.32
                     crashes on MiniLM): MatMul with constant weights only (MiniLM here). Compare with our
