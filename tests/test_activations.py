@@ -134,3 +134,20 @@ def test_w8a8_default_ridge_and_a_given_one():
     gptq = CompressConfig(method="gptq", quant=QuantConfig(bits=8), activations=ActConfig())
     assert gptq.resolved() is gptq
 
+
+
+def test_w8a8_on_a_model_with_if_branches(tmp_path):
+    """A layer inside the If branch the data takes reads a main-graph tensor: that tensor gets the Q -> DQ pair
+    (consumers inside the branch rewired), the output runs and the report names each input's scale."""
+    from builders import branchy
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig, QuantConfig
+
+    onnx.save(branchy(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=RNG.standard_normal((32, 16)).astype(np.float32), sr=np.array(8, np.int64))
+    res = compress(str(tmp_path / "m.onnx"), str(tmp_path / "c.npz"), str(tmp_path / "q.onnx"),
+                   CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig()), progress=False)
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    assert [r.name for r in res.report.layers] == ["mm0", "e_mm1"]
+    assert all("input int8, scale" in r.note for r in res.report.layers)
+    assert res.report.agreement.cosine > 0.99
