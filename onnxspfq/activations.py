@@ -71,14 +71,10 @@ def emit(model: onnx.ModelProto, scales: dict[str, float], dtype: str = "uint8")
     """`model` (modified in place and returned) with a QuantizeLinear -> DequantizeLinear pair on each named
     tensor; every node that read the tensor (subgraphs included) reads the de-quantized value; graph outputs keep
     the float tensor."""
-    from onnxspfq.graph import unique_name, walk_nodes
+    from onnxspfq.graph import all_names, unique_name, walk_nodes
 
     g = model.graph
-    taken = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
-    for _, _, n in walk_nodes(g):
-        taken.update(n.input)
-        taken.update(n.output)
-        taken.add(n.name)
+    taken = all_names(g)
     renamed, pairs = {}, []
     for name in sorted(scales):
         s_name, z_name = unique_name(f"{name}_act_scale", taken), unique_name(f"{name}_act_zero_point", taken)

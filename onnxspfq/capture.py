@@ -232,17 +232,16 @@ class Capture:
             for b in range(nb):
                 for t in seg.outputs:
                     fr.store[(b, t)] = float_fr.store[(b, t)]
-            self._quantize(fr, quantized, lambda b, t: self._float.store[(b, t)].get())
-            return
-        sess = self._session(s, fr)
-        feeds_w = {w: self._weight_feed(w, weights) for w in seg.weights}
-        for b in range(nb):
-            feeds = {t: fr.store[(b, t)].get() for t in seg.inputs}
-            feeds.update(feeds_w)
-            for t, arr in zip(seg.outputs, sess.run(seg.outputs, feeds)):
-                fr.store[(b, t)] = Held(arr, self._budget)
-        if dirty:
-            fr.tainted.update(seg.outputs)
+        else:
+            sess = self._session(s, fr)
+            feeds_w = {w: self._weight_feed(w, weights) for w in seg.weights}
+            for b in range(nb):
+                feeds = {t: fr.store[(b, t)].get() for t in seg.inputs}
+                feeds.update(feeds_w)
+                for t, arr in zip(seg.outputs, sess.run(seg.outputs, feeds)):
+                    fr.store[(b, t)] = Held(arr, self._budget)
+            if dirty:
+                fr.tainted.update(seg.outputs)
         self._quantize(fr, quantized, lambda b, t: self._float.store[(b, t)].get())
 
     def _weight_feed(self, name: str, weights: dict[str, np.ndarray]) -> np.ndarray:

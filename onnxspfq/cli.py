@@ -217,7 +217,8 @@ def _compress(a: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset, skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
+                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset,
+                            skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

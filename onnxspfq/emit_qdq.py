@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.graph import find_node, unique_name
+from onnxspfq.graph import all_names, find_node, unique_name
 from onnxspfq.layers import WEIGHT_OPS
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
@@ -122,10 +122,6 @@ def required_opset(bits: set[int], blocked: bool) -> tuple[int, str]:
 
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain (ai.onnx) opset."""
-    return _default_opset(model)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
     for op in model.opset_import:
         if op.domain in _DEFAULT_DOMAINS:
             return op.version
@@ -141,13 +137,8 @@ def min_ir_version(opset: int) -> int:
 
 
 def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """`model` at default-domain opset >= `target` (the version converter), IR matching (--opset)."""
-    return _raise_opset(model, target)
-
-
-def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Return `model` at default-domain opset >= `target` (converted when lower), with a matching IR version."""
-    current = _default_opset(model)
+    current = default_opset(model)
     if current < target:
         try:
             model = version_converter.convert_version(model, target)
@@ -182,15 +173,6 @@ def _check_consumer(graph: onnx.GraphProto, layer: Any) -> None:
         )
 
 
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names.add(node.name)
-    return names
-
-
 def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -> onnx.ModelProto:
     needed = 0
     for layer, result, bits in groups.values():
@@ -202,14 +184,14 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
                     "granularity for convolutions"
                 )
             needed = max(needed, _BLOCKWISE_OPSET)
-    model = _raise_opset(model, needed)
-    if _default_opset(model) > MAX_OPSET:
+    model = raise_opset(model, needed)
+    if default_opset(model) > MAX_OPSET:
         raise OnnxspfqError(
-            f"model opset {_default_opset(model)} > {MAX_OPSET}: onnxruntime has no CPU DequantizeLinear kernel "
+            f"model opset {default_opset(model)} > {MAX_OPSET}: onnxruntime has no CPU DequantizeLinear kernel "
             "there; export the model at opset <= 25"
         )
     graph = model.graph
-    taken = _all_names(graph)
+    taken = all_names(graph)
     dq_nodes = []
     for name, (layer, result, bits) in groups.items():
         idx = _find_initializer(graph, name)

@@ -59,6 +59,18 @@ def bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     return out
 
 
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name of the graph and of its sub-graphs: what a new name must not take (a sub-graph's
+    own name would shadow a main-graph one)."""
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    for _, body, node in walk_nodes(graph):
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+        names.update(t.name for t in body.initializer)
+    return names
+
+
 def walk_nodes(graph: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, onnx.GraphProto, onnx.NodeProto]]:
     """Every node of the graph and of its sub-graphs at any depth, as (where, the graph that holds it, node);
     `where` is "" in the main graph, else the path of bodies, e.g. "If If_0.then_branch > Loop L.body"."""
