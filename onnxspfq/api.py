@@ -20,6 +20,7 @@ from onnxspfq.capture import Capture
 from onnxspfq import activations
 from onnxspfq.activations import ActScales
 from onnxspfq import mixed
+from onnxspfq import targets
 from onnxspfq.config import CompressConfig
 from onnxspfq.emit import Item, emit
 from onnxspfq import emit_qdq
@@ -147,6 +148,14 @@ class _Run:
     batches: list[dict[str, np.ndarray]]
     eval_batches: list[dict[str, np.ndarray]] | None = None  # held-out data for the final check (None: batches)
     token_mask: str | None = None  # the feed marking padding tokens (calib.token_mask_input), None: every row
+    plan: targets.Plan | None = None  # each layer's quantization under --target (targets.plan)
+
+    def layer_config(self, config: CompressConfig, layer: Layer, bits: int | None = None) -> CompressConfig:
+        """The run's settings for one layer: its target's plan, at `bits` when given (--avg-bits)."""
+        quant = self.plan.layers[layer.name].quant
+        if bits is not None:
+            quant = dataclasses.replace(quant, bits=bits)
+        return config if quant == config.quant else dataclasses.replace(config, quant=quant)
 
     def capture(self, config: CompressConfig, batches: list[dict[str, np.ndarray]] | None = None,
                 progress: bool = False, act: ActScales | None = None) -> Capture:
@@ -198,7 +207,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         tensors, float_inputs = run.act_tensors()
         act = ActScales(config.activations, tensors)
     done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
-    compressed = _emit_checked(run.model, done, floats, layer_reports, config)
+    compressed = _emit_checked(run.model, done, floats, layer_reports, config, run.plan)
     if config.opset is not None:
         compressed = emit_qdq.raise_opset(compressed, config.opset)
         if emit_qdq.default_opset(compressed) != config.opset:
@@ -218,7 +227,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
                     "none"), layers=layer_reports, opset=(f"opset {before}" if before == after else
                     f"opset raised {before} -> {after}" + ("" if config.opset else " (what the stored weights "
                                                              "need; --opset pins it)")),
-                    skipped=run.skipped, size_before=model_file_bytes(str(model_path)))
+                    skipped=run.skipped, size_before=model_file_bytes(str(model_path)), target=run.plan.changed)
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
     # the file, then moved in place together with the report: both or neither
     scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
@@ -282,12 +291,19 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
         if not layers:
             raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
                                 "branches without layers): nothing to do")
-    _check_opset(config, model.proto, layers)
+    plan = targets.plan(config, layers)
+    left = dict(plan.floats())
+    skipped += [{"name": layer.name, "op": layer.op, "reason": left[layer.name]} for layer in layers if layer.name in left]
+    layers = [layer for layer in layers if layer.name not in left]
+    if not layers:
+        raise OnnxspfqError(f"--target {config.target} leaves every layer of {model_path} in float ({next(iter(left.values()))}): "
+                            "nothing to do; see onnxspfq inspect for the layers, and the README's --target rules")
+    _check_opset(config, model.proto, layers, plan)
     token_mask = token_mask_input(config.token_mask, model.proto, batches)
-    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask)
+    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan)
 
 
-def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[Layer]) -> None:
+def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[Layer], plan: targets.Plan) -> None:
     """--opset: refused before any work when the model is above it or the stored weights need more."""
     if config.opset is None:
         return
@@ -296,20 +312,16 @@ def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[La
         raise OnnxspfqError(f"the model is at opset {current}, above --opset {config.opset}: the tool never lowers "
                             f"an opset; use --opset {current} or higher")
     q = config.quant
-    bits = set(mixed.CHOICES) if config.avg_bits is not None else {q.bits}
+    layer_plans = [plan.layers[layer.name] for layer in layers]
+    bits = set(mixed.CHOICES) if config.avg_bits is not None else {p.stored_bits or p.quant.bits for p in layer_plans}
     qdq_weights = config.format == "qdq" or (config.format == "nbits" and (
         any(layer.op not in ("MatMul", "Gemm") for layer in layers) or bits & {3}))  # what nbits leaves to QDQ
     if q.bits is None or not qdq_weights:
         return
-    need, why = emit_qdq.required_opset(bits, q.granularity == "block")
+    need, why = emit_qdq.required_opset(bits, any(p.quant.granularity == "block" for p in layer_plans))
     if need > config.opset:
         raise OnnxspfqError(f"--opset {config.opset} cannot hold this output: {why}, which DequantizeLinear reads "
                             f"from opset {need}; use --opset {need} or higher, or fewer bits' formats (8 bits: opset 13)")
-
-
-def _at_bits(config: CompressConfig, bits: int) -> CompressConfig:
-    """The run's settings with every layer at `bits` (what --avg-bits gives one layer)."""
-    return dataclasses.replace(config, quant=dataclasses.replace(config.quant, bits=bits))
 
 
 def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -> dict[str, mixed.Assignment]:
@@ -324,7 +336,7 @@ def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -
             held.clear()
             held[layer.name] = capture.grams(layer, {})
         W = layer.matrix(dtype=np.float32)
-        return layer.tensor(_quantize_layer(layer, W, held[layer.name], _at_bits(config, bits),
+        return layer.tensor(_quantize_layer(layer, W, held[layer.name], run.layer_config(config, layer, bits),
                                             np.random.default_rng(0))[0])
 
     try:
@@ -355,7 +367,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
             # float32 as stored (each method call casts its rows to float64): a 151936 x 1024 lm_head in float64
             # was 1.2 GB, plus a float64 Q of the same size
             W = layer.matrix(dtype=np.float32)
-            lconfig = config if bits is None else _at_bits(config, bits[layer.name].bits)
+            lconfig = run.layer_config(config, layer, None if bits is None else bits[layer.name].bits)
             try:
                 Q, info, note, quant = _quantize_layer(layer, W, grams, lconfig, rng)
             except OnnxspfqError as err:
@@ -381,11 +393,13 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
 
 
 def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[LayerReport],
-                  config: CompressConfig) -> onnx.ModelProto:
-    """The output graph (emit.py), each layer's bits per weight in it, and the N:M pattern verified on the emitted
-    weights along the axis TensorRT uses."""
-    emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None, info.bits,
-                                               floats.get(layer.weight)) for layer, info, _ in done])
+                  config: CompressConfig, plan: targets.Plan) -> onnx.ModelProto:
+    """The output graph (emit.py; codes stored in the type the target's plan says), each layer's bits per weight
+    in it, and the N:M pattern verified on the emitted weights along the axis TensorRT uses."""
+    emitted = emit(config.format, model, [Item(layer, info if info.codes is not None else None,
+                                               plan.layers[layer.name].stored_bits or info.bits,
+                                               floats.get(layer.weight)) for layer, info, _ in done],
+                   accuracy_level=config.accuracy_level or 0)
     for r, (layer, info, nm) in zip(layer_reports, done):
         r.bits_per_weight = 8 * emitted.nbytes[layer.name] / int(np.prod(layer.shape))
         if nm is not None:

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from onnxspfq.config import (ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, FORMATS, GRANULARITIES, METHODS,
-                             OPERATORS, PATHS, ActConfig, CompressConfig, QuantConfig)
+from onnxspfq.config import (ACCURACY_LEVELS, ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, FORMATS, GRANULARITIES,
+                             METHODS, OPERATORS, PATHS, TARGETS, ActConfig, CompressConfig, QuantConfig)
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -102,7 +102,14 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    f"[{ActConfig.percentile}]")
     c.add_argument("--act-type", default=None, choices=ACT_TYPES, help="storage of the activation codes: uint8 "
                    "with zero point 128 (onnxruntime CPU's fast kernels) or int8 with zero point 0 (TensorRT), the "
-                   f"same values [{ActConfig.dtype}]")
+                   "same values [int8 with --target tensorrt, else uint8]")
+    c.add_argument("--target", default=CompressConfig.target, choices=TARGETS, help="the runtime the output is for: "
+                   "its rules adapt the run or refuse it, in one line (ort-cpu: MatMul / Gemm weights as MatMulNBits, "
+                   "Conv as QDQ; tensorrt: INT4 only block-wise weight-only MatMul / Gemm (other layers float), INT8 "
+                   "only with --activations int8, no INT2, no com.microsoft ops; README)")
+    c.add_argument("--accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS, help="MatMulNBits' compute "
+                   "type (--format nbits): 0 / 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest on CPU) [4 with "
+                   "--target ort-cpu, else 0]")
     c.add_argument("--opset", type=int, default=None, help="the output's default-domain opset (never below the "
                    "model's; refused when the stored weights need more: 4 / 3 bits and block scales 21, 2 / 1 bits 25, "
                    "8 bits 13) [the model's own, raised only as far as needed]")
@@ -113,8 +120,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "float (repeat the option or separate names by commas)")
     c.add_argument("--format", default=None, choices=FORMATS, help="qdq: DequantizeLinear on packed integers "
                    "[default with --bits]; nbits: com.microsoft MatMulNBits for MatMul/Gemm weights (QDQ for the "
-                   "rest); sparse: float weights as sparse initializers where smaller [default when pruning only]; "
-                   "float: de-quantized float weights (for inspection)")
+                   "rest) [default with --target ort-cpu]; sparse: float weights as sparse initializers where "
+                   "smaller [default when pruning only]; float: de-quantized float weights (for inspection) [default "
+                   "when pruning only for --target tensorrt]")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--eval-data", default=None, help="held-out inputs (read like --calib) for the final agreement "
                    "check (default: the calibration data, which the methods fit, so it overstates agreement)")
@@ -208,7 +216,6 @@ def _compress(a: argparse.Namespace) -> None:
         raise OnnxspfqError("--act-calibration / --act-percentile / --act-type set how activations are quantized: "
                             "add --activations int8, or drop them")
     bits = a.bits if a.bits is not None or a.sparsity is not None else (8 if act is not None else 4)
-    fmt = a.format or ("qdq" if bits is not None else "sparse")
     given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "align_ridge": a.align_ridge,
              "granularity": a.granularity,
              "block_size": a.block_size, "order": a.order, "damp": a.damp, "draws": a.draws,
@@ -218,13 +225,16 @@ def _compress(a: argparse.Namespace) -> None:
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
                             max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset,
-                            skip=skip, format=fmt, auto_C=a.auto_C, avg_bits=a.avg_bits)
+                            skip=skip, format=a.format, auto_C=a.auto_C, avg_bits=a.avg_bits, target=a.target,
+                            accuracy_level=a.accuracy_level)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),
                       eval_data=a.eval_data)
     if not a.quiet:
         print(result.report.table())
+    elif result.report.target:
+        print(result.report.target)
     for w in result.report.warnings:
         print(f"onnxspfq: warning: {w}", file=sys.stderr)
     print(f"wrote {out}" + (f" and {a.report}" if a.report else ""))

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, replace
 import math
 
 from onnxspfq.errors import OnnxspfqError
+from onnxspfq import targets
+from onnxspfq.targets import TARGETS
 
 # The projected path's alignment ridge (QuantConfig.align_ridge): 1 for weight-only runs (docs/RESULTS.md section
 # 11); none (inf: W itself) when activations are quantized too, where the alignment fits the rare rows whose inputs
@@ -20,6 +22,7 @@ OPERATORS = ("stochastic", "nearest")
 PATHS = ("plain", "projected", "best")
 GRANULARITIES = ("channel", "layer", "block")
 FORMATS = ("qdq", "float", "nbits", "sparse")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level: 0 / 1 fp32 math, 2 fp16, 3 bf16, 4 int8 activations
 
 
 def levels(bits: int) -> int:
@@ -204,14 +207,14 @@ class ActConfig:
     # section 13): MiniLM-L6 cosine 0.9834 vs 0.9757 with minmax; the CNN and EfficientNet-Lite0 tied
     calibration: str = "percentile"
     percentile: float = 99.99
-    # how the symmetric codes are stored: uint8 with zero point 128 holds the same values as int8 with zero point
-    # 0, and is what onnxruntime's CPU int8 kernels (u8 x s8) run fast: MiniLM-L6 W8A8 1.83x / 1.78x faster than
-    # float at batch 1 / 16 as uint8, 0.70x / 1.11x as int8 (`tools/bench_speed.py --models minilm`, RESULTS.md
-    # section 13); TensorRT reads only int8 with zero point 0
-    dtype: str = "uint8"
+    # how the symmetric codes are stored (None: by target, CompressConfig): uint8 with zero point 128 holds the
+    # same values as int8 with zero point 0, and is what onnxruntime's CPU int8 kernels (u8 x s8) run fast:
+    # MiniLM-L6 W8A8 1.83x / 1.78x faster than float at batch 1 / 16 as uint8, 0.70x / 1.11x as int8
+    # (`tools/bench_speed.py --models minilm`, RESULTS.md section 13); TensorRT reads only int8 with zero point 0
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in ACT_TYPES:
+        if self.dtype is not None and self.dtype not in ACT_TYPES:
             raise OnnxspfqError(f"unknown --act-type {self.dtype!r}: use one of {', '.join(ACT_TYPES)}")
         if self.calibration not in ACT_CALIBRATIONS:
             raise OnnxspfqError(f"unknown --act-calibration {self.calibration!r}: use one of {', '.join(ACT_CALIBRATIONS)}")
@@ -235,7 +238,16 @@ class CompressConfig:
     # the model discards: MiniLM-L6's 256 calibration sentences are 5,364 tokens in 16,384 padded rows.
     token_mask: str = "auto"
     skip: tuple[str, ...] = ()
-    format: str = "qdq"
+    # the runtime the output is for (targets.py): its rules adapt or refuse settings, and set the defaults below
+    target: str = "generic"
+    # None: from bits and target (resolved on construction): qdq with bits; when pruning only, sparse (float for
+    # tensorrt, which reads dense weights); nbits under ort-cpu (MatMulNBits runs packed weights without a
+    # dequantization per run), qdq there too with --activations int8
+    format: str | None = None
+    # MatMulNBits' accuracy_level (--format nbits); None: 4 under ort-cpu (int8 activations in the kernel, the
+    # form onnxruntime's own optimizer rewrites weight-only QDQ MatMuls into: FORMATS.md), else 0 (fp32 math:
+    # the output equals the compressed model's de-quantized weights to fp32 rounding)
+    accuracy_level: int | None = None
     auto_C: bool = False
     # bits per layer from mixed.CHOICES by each layer's measured effect on the output, at most this many stored
     # bits per weight on average (mixed.py); None: every layer at quant.bits
@@ -248,6 +260,16 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise OnnxspfqError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.target not in TARGETS:
+            raise OnnxspfqError(f"unknown --target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            raise OnnxspfqError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
+                                f"(MatMulNBits: 0 / 1 fp32, 2 fp16, 3 bf16, 4 int8), got {self.accuracy_level}")
+        if self.format is None:
+            object.__setattr__(self, "format", self._default_format())
+        if self.activations is not None and self.activations.dtype is None:
+            object.__setattr__(self, "activations", replace(
+                self.activations, dtype="int8" if self.target == "tensorrt" else "uint8"))
         if self.format not in FORMATS:
             raise OnnxspfqError(f"unknown output format {self.format!r}: use one of {', '.join(FORMATS)}")
         if self.quant.bits is None and self.format in ("qdq", "nbits"):
@@ -284,6 +306,16 @@ class CompressConfig:
                                     f"qdq, not {self.format}")
         for option, why in self.ignored():
             raise OnnxspfqError(f"{option} has no effect here: {why}; drop it")
+        if self.accuracy_level is None and self.format == "nbits":
+            object.__setattr__(self, "accuracy_level", 4 if self.target == "ort-cpu" else 0)
+        if (why := targets.refusals(self)) is not None:
+            raise OnnxspfqError(why)
+
+    def _default_format(self) -> str:
+        """The output format when none is given (see `format`)."""
+        if self.quant.bits is None:
+            return "float" if self.target == "tensorrt" else "sparse"
+        return "nbits" if self.target == "ort-cpu" and self.activations is None else "qdq"
 
     def resolved(self) -> "CompressConfig":
         """This run's settings with the defaults that depend on other options filled in: the projected path's
@@ -319,6 +351,9 @@ class CompressConfig:
         }
         out = [(opt, why) for name, (opt, used, why) in reads.items()
                if not used and getattr(q, name) != getattr(base, name)]
+        if self.accuracy_level is not None and self.format != "nbits":
+            out.append(("--accuracy-level", f"it is MatMulNBits' attribute and --format {self.format} has none "
+                        "(--format nbits, or --target ort-cpu, writes MatMulNBits)"))
         if self.auto_C and not plain:
             out.append(("--auto-C", f"only --method spfq has a C to choose ({m} does not)" if not spfq else
                         "C belongs to spfq's plain path, and this run takes the projected one (add --path plain or best)"))

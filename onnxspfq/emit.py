@@ -77,8 +77,9 @@ def qdq(model: onnx.ModelProto, items: list[Item], source: Model) -> Emitted:
     return Emitted(out, _bytes(out.graph, names))
 
 
-def nbits(model: onnx.ModelProto, items: list[Item], source: Model) -> Emitted:
-    out, rest = emit_nbits(model, [(i.layer, i.result, i.bits) for i in items], source=source)
+def nbits(model: onnx.ModelProto, items: list[Item], source: Model, accuracy_level: int = 0) -> Emitted:
+    out, rest = emit_nbits(model, [(i.layer, i.result, i.bits) for i in items], accuracy_level=accuracy_level,
+                           source=source)
     rest = set(rest)
     nodes = {n.name: n for _, _, n in walk_nodes(out.graph) if n.op_type == "MatMulNBits"}
     done = [i for i in items if i.layer.name not in rest]
@@ -106,12 +107,16 @@ def float_(model: onnx.ModelProto, items: list[Item], source: Model) -> Emitted:
 FORMATS = {"qdq": qdq, "nbits": nbits, "sparse": sparse, "float": float_}
 
 
-def emit(fmt: str, model: onnx.ModelProto | Model, items: list[Item]) -> Emitted:
-    """`model` with every item written in format `fmt`; what the format leaves (e.g. Conv under nbits) as QDQ."""
+def emit(fmt: str, model: onnx.ModelProto | Model, items: list[Item], accuracy_level: int = 0) -> Emitted:
+    """`model` with every item written in format `fmt`; what the format leaves (e.g. Conv under nbits) as QDQ.
+    accuracy_level: MatMulNBits' attribute (nbits only)."""
     if fmt not in FORMATS:
         raise OnnxspfqError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
     source = as_model(model)
-    out = FORMATS[fmt](source.proto, items, source)
+    if fmt == "nbits":
+        out = nbits(source.proto, items, source, accuracy_level)
+    else:
+        out = FORMATS[fmt](source.proto, items, source)
     if out.left:
         rest = qdq(out.model, out.left, source)
         out = Emitted(rest.model, {**out.nbytes, **rest.nbytes})

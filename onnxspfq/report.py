@@ -51,6 +51,7 @@ class Report:
     agreement_data: str | None = None  # what the agreement was measured on: "calibration" or "held out (--eval-data)"
     time_s: float = 0.0
     opset: str = ""  # the output's default-domain opset, and whether it was raised from the input's
+    target: str = ""  # what --target changed, in one line (targets.Plan.changed; "" when nothing)
     warnings: list[str] = field(default_factory=list)
     input_sha256: str | None = None
     output_sha256: str | None = None  # of the .onnx file (its external data, if any, is named in it)
@@ -95,6 +96,8 @@ class Report:
         ratio = self.size_before / self.size_after if self.size_after else float("nan")
         rows.append(f"size: {self.size_before / 1e6:.3f} MB -> {self.size_after / 1e6:.3f} MB ({ratio:.2f}x smaller)"
                     + (f"; {self.opset}" if self.opset else ""))
+        if self.target:
+            rows.append(self.target)
         if self.agreement is not None:
             a = self.agreement
             on = "held-out" if (self.agreement_data or "").startswith("held") else "calibration"

@@ -1,0 +1,128 @@
+"""Runtime targets (--target): what each runtime runs, how a run is adapted to it, and what it refuses.
+
+    generic   no runtime's rules: every layer as configured (the formats are standard ONNX, onnxruntime runs them)
+    ort-cpu   onnxruntime's CPU provider: MatMul / Gemm weights as com.microsoft.MatMulNBits (the kernel that runs
+              packed weights without dequantizing them each run; --accuracy-level, default 4 = int8 activations
+              inside the kernel), what it cannot hold (Conv) as QDQ; W8A8 with uint8 activations (zero point 128:
+              the u8 x s8 kernels). The format and accuracy defaults are config.py's; nothing is refused.
+    tensorrt  TensorRT's explicit quantization (docs; TensorRT cannot run on these machines): symmetric only, INT8
+              per-channel weights on Conv / Gemm / MatMul with int8 activations (--activations int8, zero point 0),
+              INT4 only as block-quantized (block 64 / 128 along K) weight-only MatMul / Gemm on 2-D weights, no
+              INT2, no com.microsoft ops, no sparse initializers (2:4 is read from dense weights at build time).
+
+A target decides per layer (`plan`): the QuantConfig it runs with, or float (left alone, with the reason), and the
+integer type its codes are stored in; `refusals` names the settings the runtime cannot run, before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+TARGETS = ("generic", "ort-cpu", "tensorrt")
+TRT_BLOCKS = (64, 128)  # TensorRT INT4 block sizes (docs; FORMATS.md)
+MATMUL_OPS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer under a target: the quantization it runs (None: left in float, `why` says why) and the bits of
+    the integer type its codes are stored in (None: the codes' own; fewer bits fit exactly: 2-bit {-1, 0, 1} in
+    INT4)."""
+
+    quant: object | None
+    stored_bits: int | None
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    """Every layer's LayerPlan (by name) and one line saying what the target changed ("" when nothing)."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    changed: str = ""
+
+    def floats(self) -> list[tuple[str, str]]:
+        """(layer, why) of the layers the target leaves in float."""
+        return [(name, p.why) for name, p in self.layers.items() if p.quant is None]
+
+
+def refusals(config) -> str | None:
+    """Why the target cannot run `config` (a CompressConfig), or None: checked before any work."""
+    q, t = config.quant, config.target
+    if t != "tensorrt":
+        return None
+    fix = ("--activations int8 (INT8 weights and activations on Conv / Gemm / MatMul) or --bits 4 (INT4 weight-only "
+           "MatMul / Gemm)")
+    if config.format in ("nbits", "sparse"):
+        what = "com.microsoft.MatMulNBits is onnxruntime's own op" if config.format == "nbits" else \
+            "TensorRT reads dense weights (it finds 2:4 itself at build time: trtexec --sparsity=enable)"
+        return f"--target tensorrt cannot read --format {config.format}: {what}; use --format qdq, or float when pruning only"
+    if config.avg_bits is not None:
+        return f"--target tensorrt runs INT4 weight-only or INT8 with int8 activations, not bits per layer: drop --avg-bits, use {fix}"
+    if config.activations is not None:
+        if config.activations.dtype != "int8":
+            return ("--target tensorrt reads int8 activations with zero point 0 only: use --act-type int8 (the "
+                    "default with this target)")
+        return None
+    if q.bits == 8:
+        return (f"--target tensorrt runs 8-bit weights as INT8 only with int8 activations (weight-only INT8 "
+                f"runs in float): use {fix}")
+    if q.bits is not None and q.nm is not None:
+        return (f"--target tensorrt has no kernel for {q.bits}-bit weights with {q.nm[0]}:{q.nm[1]} sparsity: prune "
+                "alone (dense float, TensorRT's sparse tactics) or with --activations int8 (INT8 sparse)")
+    if q.bits is not None:
+        if q.granularity == "layer":
+            return ("--target tensorrt's INT4 weights take block-wise scales: drop --granularity layer (the target "
+                    "uses blocks along K)")
+        if q.granularity == "block" and q.block_size not in TRT_BLOCKS:
+            return (f"--target tensorrt's INT4 blocks are {' or '.join(map(str, TRT_BLOCKS))} weights long, not "
+                    f"{q.block_size}: use --block-size 128")
+        if q.act_order:
+            return "--target tensorrt's INT4 weights are block-wise, which --act-order cannot follow: drop --act-order"
+    return None
+
+
+def plan(config, layers: list) -> Plan:
+    """Each layer's LayerPlan under config.target, and the line saying what changed (layers: layers.Layer)."""
+    q, t = config.quant, config.target
+    out = Plan({layer.name: LayerPlan(q, None) for layer in layers})
+    if t == "generic":
+        return out
+    if t == "ort-cpu":
+        mm = sum(layer.op in MATMUL_OPS for layer in layers)
+        if config.format == "nbits":
+            out.changed = (f"--target ort-cpu: MatMul / Gemm weights as MatMulNBits where it holds them ({mm} "
+                           f"layers; accuracy level {config.accuracy_level}), the rest ({len(layers) - mm} layers) "
+                           "as QDQ")
+        elif config.activations is not None:
+            out.changed = f"--target ort-cpu: W8A8 QDQ, activations {config.activations.dtype}"
+        return out
+    # tensorrt
+    if config.activations is not None or q.bits is None:
+        out.changed = ("--target tensorrt: INT8 weights and int8 activations (zero point 0)"
+                       if config.activations is not None else "--target tensorrt: pruned weights stored dense")
+        return out
+    # the largest block that divides K (the blocked axis is K / block scales long: docs); a given --block-size only
+    blocks = (q.block_size,) if q.granularity == "block" else sorted(TRT_BLOCKS, reverse=True)
+    used, floats = {}, {}
+    for layer in layers:
+        k = layer.n0
+        block = next((b for b in blocks if k % b == 0), None)
+        if layer.op not in MATMUL_OPS:
+            why = f"float: TensorRT's INT4 is weight-only MatMul / Gemm ({layer.op}: --activations int8 for INT8)"
+        elif len(layer.shape) != 2:
+            why = f"float: TensorRT's block-quantized INT4 takes 2-D weights, not {len(layer.shape)}-D"
+        elif block is None:
+            why = f"float: K = {k} is no multiple of TensorRT's INT4 block size ({' or '.join(map(str, blocks))})"
+        else:
+            out.layers[layer.name] = LayerPlan(dataclasses.replace(q, granularity="block", block_size=block), 4)
+            used[block] = used.get(block, 0) + 1
+            continue
+        out.layers[layer.name] = LayerPlan(None, None, why)
+        floats[layer.op] = floats.get(layer.op, 0) + 1
+    left = ", ".join(f"{n} {op}" for op, n in sorted(floats.items()))
+    out.changed = (f"--target tensorrt: {sum(used.values())} MatMul / Gemm layers INT4 weight-only, block "
+                   + " / ".join(f"{b} ({n})" for b, n in sorted(used.items(), reverse=True))
+                   + (f" ({q.bits}-bit codes stored as INT4: TensorRT reads no INT2)" if q.bits < 3 else "")
+                   + (f", {left} layer(s) left float (see the table)" if left else ""))
+    return out

@@ -1,0 +1,157 @@
+"""--target (targets.py): the defaults each target sets, and the outputs it writes on real graphs: TensorRT's rules
+(INT4 only as block-wise weight-only MatMul / Gemm, no INT2, int8 activations with zero point 0, no com.microsoft
+ops) checked on the emitted file, and onnxruntime CPU's MatMulNBits form; every output runs in onnxruntime."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxspfq.cli import main
+from onnxspfq.config import ActConfig, CompressConfig, QuantConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+import llm_weights  # noqa: E402
+
+INT4, INT2 = onnx.TensorProto.INT4, onnx.TensorProto.INT2
+
+
+def test_defaults_follow_the_target():
+    assert (CompressConfig().format, CompressConfig().accuracy_level) == ("qdq", None)
+    cpu = CompressConfig(target="ort-cpu")
+    assert (cpu.format, cpu.accuracy_level) == ("nbits", 4)
+    assert CompressConfig(target="ort-cpu", accuracy_level=0).accuracy_level == 0
+    assert CompressConfig(format="nbits").accuracy_level == 0  # generic nbits keeps fp32 math
+    w8a8 = dict(quant=QuantConfig(bits=8), activations=ActConfig())
+    assert CompressConfig(target="ort-cpu", **w8a8).format == "qdq"
+    assert CompressConfig(target="ort-cpu", **w8a8).activations.dtype == "uint8"
+    assert CompressConfig(target="tensorrt", **w8a8).activations.dtype == "int8"
+    assert CompressConfig(**w8a8).activations.dtype == "uint8"
+    prune = QuantConfig(bits=None, nm=(2, 4))
+    assert CompressConfig(quant=prune).format == "sparse"
+    assert CompressConfig(quant=prune, target="tensorrt").format == "float"  # TensorRT reads dense weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen2")
+    model = llm_weights.ensure_tiny(d)
+    vocab = next(t.dims[0] for t in onnx.load(str(model), load_external_data=False).graph.initializer
+                 if t.name.endswith("embed_tokens.weight"))
+    return model, llm_weights.write_tokens(d / "calib.npz", vocab, 4, 32, seed=0), \
+        llm_weights.write_tokens(d / "held.npz", vocab, 2, 32, seed=1)
+
+
+def _cosine_to_float(model, out, held) -> float:
+    with np.load(held) as z:
+        feeds = {k: z[k] for k in z.files}
+    a = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _weights_by_dq(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, onnx.NodeProto]]:
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {n.output[0]: (inits[n.input[0]], n) for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_tensorrt_weight_only_is_block_int4_on_every_matmul(tiny, tmp_path, bits, capsys):
+    """The decoder's MatMuls (K = 384, 1536: multiples of 128) all become INT4 block-wise along K; 2-bit codes are
+    stored in INT4 too (TensorRT reads no INT2), and the file still runs in onnxruntime."""
+    model, calib, held = tiny
+    out = tmp_path / "trt.onnx"
+    assert main(["compress", str(model), "--calib", str(calib), "-o", str(out), "-q", "--target", "tensorrt",
+                 "--bits", str(bits)]) == 0
+    line = capsys.readouterr().out
+    assert "--target tensorrt:" in line and "INT4 weight-only, block 128" in line
+    assert ("stored as INT4" in line) == (bits == 2)
+    onnx.checker.check_model(str(out))
+    proto = onnx.load(str(out))
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    dq = _weights_by_dq(proto)
+    const = [n for n in matmuls if n.input[1] in dq]
+    assert len(const) >= 7  # q, k, v, o, gate, up, down (and the lm_head) of the layer(s)
+    for n in const:
+        t, node = dq[n.input[1]]
+        attrs = {a.name: a.i for a in node.attribute}
+        assert t.data_type == INT4 and len(t.dims) == 2
+        assert attrs["axis"] == 0 and attrs["block_size"] == 128 and t.dims[0] % 128 == 0  # blocks along K
+        codes = numpy_helper.to_array(t).astype(np.int8)
+        assert codes.min() >= -(2 ** (bits - 1) - 1) and codes.max() <= 2 ** (bits - 1) - 1
+    assert not any(t.data_type == INT2 for t in proto.graph.initializer)
+    assert not any(n.domain == "com.microsoft" for n in proto.graph.node)
+    assert not any(o.domain == "" and o.version > 21 for o in proto.opset_import)
+    assert _cosine_to_float(model, out, held) > (0.7 if bits == 4 else 0.3)
+
+
+def test_tensorrt_leaves_what_it_cannot_run_in_float(fmnist_cnn, fmnist_calib_small, tmp_path):
+    """The CNN at 4 bits: the Convs (no INT4 Conv) and the Gemm with K = 1568 (no multiple of 64 or 128) stay float
+    with their reasons in the report; the Gemm with K = 128 is INT4 block 128."""
+    import json
+
+    out, report = tmp_path / "trt.onnx", tmp_path / "r.json"
+    assert main(["compress", str(fmnist_cnn), "--calib", str(fmnist_calib_small), "-o", str(out), "-q",
+                 "--target", "tensorrt", "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert [x["name"] for x in r["layers"]] == ["/9/Gemm"]
+    reasons = {s["name"]: s["reason"] for s in r["skipped"]}
+    assert "weight-only MatMul / Gemm" in reasons["/0/Conv"] and "weight-only MatMul / Gemm" in reasons["/3/Conv"]
+    assert "1568" in reasons["/7/Gemm"]
+    assert r["config"]["target"] == "tensorrt" and "1 MatMul / Gemm layers INT4" in r["target"]
+    proto, source = onnx.load(str(out)), onnx.load(str(fmnist_cnn))
+    before = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}
+    conv_weights = [n.input[1] for n in source.graph.node if n.op_type == "Conv"]
+    after = {t.name: t for t in proto.graph.initializer}
+    for w in conv_weights:  # byte for byte the float weight
+        assert np.array_equal(numpy_helper.to_array(after[w]), before[w])
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_tensorrt_w8a8_uses_int8_zero_point_0(fmnist_cnn, fmnist_calib_small, tmp_path):
+    out = tmp_path / "trt8.onnx"
+    assert main(["compress", str(fmnist_cnn), "--calib", str(fmnist_calib_small), "-o", str(out), "-q",
+                 "--target", "tensorrt", "--activations", "int8"]) == 0
+    proto = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    qs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 4  # one per layer input
+    for n in qs:
+        assert inits[n.input[2]].dtype == np.int8 and inits[n.input[2]] == 0
+    weights = [t for t, _ in _weights_by_dq(proto).values() if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert len(weights) == 4
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("level", [None, "0"])
+def test_ort_cpu_writes_matmulnbits_at_the_accuracy_level(tiny, tmp_path, level, capsys):
+    model, calib, held = tiny
+    out = tmp_path / "cpu.onnx"
+    extra = [] if level is None else ["--accuracy-level", level]
+    assert main(["compress", str(model), "--calib", str(calib), "-o", str(out), "-q", "--target", "ort-cpu",
+                 *extra]) == 0
+    assert "--target ort-cpu: MatMul / Gemm weights as MatMulNBits" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 7
+    want = 4 if level is None else 0
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == want for n in nbits)
+    assert _cosine_to_float(model, out, held) > 0.7
+
+
+def test_ort_cpu_conv_stays_qdq(fmnist_cnn, fmnist_calib_small, tmp_path):
+    out = tmp_path / "cpu.onnx"
+    assert main(["compress", str(fmnist_cnn), "--calib", str(fmnist_calib_small), "-o", str(out), "-q",
+                 "--target", "ort-cpu"]) == 0
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Conv") == 2
+    dq = _weights_by_dq(proto)
+    assert all(n.input[1] in dq and dq[n.input[1]][0].data_type == INT4 for n in proto.graph.node if n.op_type == "Conv")
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
