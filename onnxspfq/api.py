@@ -30,7 +30,7 @@ from onnxspfq.evaluate import evaluate, held_out_source
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, load_model, weightless
 from onnxspfq.fold import fold_weight_chains
-from onnxspfq.layers import Layer
+from onnxspfq.layers import MATMUL_OPS, Layer
 from onnxspfq.io import Model, model_file_bytes, session
 from onnxspfq.save import save_model
 from onnxspfq.methods import METHODS
@@ -292,7 +292,7 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
             raise OnnxspfqError(f"{model_path}: no compressible layer runs on the calibration data (the Ifs take "
                                 "branches without layers): nothing to do")
     plan = targets.plan(config, layers)
-    left = dict(plan.floats())
+    left = plan.floats()
     skipped += [{"name": layer.name, "op": layer.op, "reason": left[layer.name]} for layer in layers if layer.name in left]
     layers = [layer for layer in layers if layer.name not in left]
     if not layers:
@@ -315,7 +315,7 @@ def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[La
     layer_plans = [plan.layers[layer.name] for layer in layers]
     bits = set(mixed.CHOICES) if config.avg_bits is not None else {p.stored_bits or p.quant.bits for p in layer_plans}
     qdq_weights = config.format == "qdq" or (config.format == "nbits" and (
-        any(layer.op not in ("MatMul", "Gemm") for layer in layers) or bits & {3}))  # what nbits leaves to QDQ
+        any(layer.op not in MATMUL_OPS for layer in layers) or bits & {3}))  # what nbits leaves to QDQ
     if q.bits is None or not qdq_weights:
         return
     need, why = emit_qdq.required_opset(bits, any(p.quant.granularity == "block" for p in layer_plans))

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxspfq.graph import node_reads, sub_model, weightless
-from onnxspfq.layers import Layer
+from onnxspfq.layers import MATMUL_OPS, Layer
 from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams
@@ -284,7 +284,7 @@ class Capture:
         # one Gram build per distinct input: Q, K and V of an attention block read the same tensor, unchanged by
         # each other's compression (MiniLM-L6: 12 of its 36 builds were repeats). Conv rows are subsampled per
         # layer, so only MatMul / Gemm rows are shared; the frontier arrays themselves are the key.
-        key = (layer.input, layer.op, layer.trans_a, layer.n0) if layer.op in ("MatMul", "Gemm") else None
+        key = (layer.input, layer.op, layer.trans_a, layer.n0) if layer.op in MATMUL_OPS else None
         last_key, last_held, last_grams = self._last
         if key is not None and key == last_key and all(a is c and b is d for (a, b), (c, d) in zip(held, last_held)):
             return last_grams

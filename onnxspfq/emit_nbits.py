@@ -24,6 +24,7 @@ from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.graph import unique_name, used_names, walk_nodes
 from onnxspfq.io import Model, as_model
+from onnxspfq.layers import MATMUL_OPS
 
 MS_DOMAIN = "com.microsoft"
 STORED_BITS = {8: 8, 4: 4, 3: 4, 2: 2, 1: 2}
@@ -119,7 +120,7 @@ class _Plan:
 
 def _plan(graph: onnx.GraphProto, layer: Any, result: Any, bits: int) -> _Plan | str:
     """What the conversion needs, or why the layer cannot become MatMulNBits."""
-    if layer.op not in ("MatMul", "Gemm"):
+    if layer.op not in MATMUL_OPS:
         return f"{layer.op} has no MatMulNBits form"
     owner, node = _find_node(graph, layer)
     if node is None:

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from onnxspfq.config import levels
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.graph import all_names, find_node, unique_name
-from onnxspfq.layers import WEIGHT_OPS
+from onnxspfq.layers import MATMUL_OPS, WEIGHT_OPS
 
 MAX_OPSET = 25  # DequantizeLinear-28 / FLOAT4E2M1 have no onnxruntime CPU kernel
 EMITS = ("qdq", "float")  # what emit() writes; the formats a run offers are config.FORMATS
@@ -178,7 +178,7 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
     for layer, result, bits in groups.values():
         needed = max(needed, _STORAGE[bits][2])
         if _blocked(result):
-            if layer.op not in ("MatMul", "Gemm"):
+            if layer.op not in MATMUL_OPS:
                 raise OnnxspfqError(
                     f"layer {layer.name!r}: block-wise scales are not supported for {layer.op}; use per-channel "
                     "granularity for convolutions"

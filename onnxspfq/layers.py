@@ -214,6 +214,7 @@ class ConvTranspose(Conv):
 
 OPS = {op.name: op for op in (MatMul(), Gemm(), Conv(), ConvTranspose())}
 WEIGHT_OPS = tuple(OPS)
+MATMUL_OPS = ("MatMul", "Gemm")  # the ops with a 2-D weight and no im2col: what MatMulNBits and block scales hold
 
 
 # ----------------------------------------------------------------------------------------------------- the Layer

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 TARGETS = ("generic", "ort-cpu", "tensorrt")
 TRT_BLOCKS = (64, 128)  # TensorRT INT4 block sizes (docs; FORMATS.md)
-MATMUL_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,9 @@ class Plan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     changed: str = ""
 
-    def floats(self) -> list[tuple[str, str]]:
-        """(layer, why) of the layers the target leaves in float."""
-        return [(name, p.why) for name, p in self.layers.items() if p.quant is None]
+    def floats(self) -> dict[str, str]:
+        """layer -> why, for the layers the target leaves in float."""
+        return {name: p.why for name, p in self.layers.items() if p.quant is None}
 
 
 def refusals(config) -> str | None:
@@ -84,6 +83,8 @@ def refusals(config) -> str | None:
 
 def plan(config, layers: list) -> Plan:
     """Each layer's LayerPlan under config.target, and the line saying what changed (layers: layers.Layer)."""
+    from onnxspfq.layers import MATMUL_OPS  # here: layers -> operators -> config imports this module
+
     q, t = config.quant, config.target
     out = Plan({layer.name: LayerPlan(q, None) for layer in layers})
     if t == "generic":

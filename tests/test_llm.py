@@ -4,8 +4,6 @@ default format and as MatMulNBits, with SPFQ and GPTQ, on token-id calibration a
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,24 +12,11 @@ import pytest
 
 from onnxspfq.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-import llm_weights  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
-    d = tmp_path_factory.mktemp("qwen2")
-    model = llm_weights.ensure_tiny(d)
-    vocab = next(t.dims[0] for t in onnx.load(str(model), load_external_data=False).graph.initializer
-                 if t.name.endswith("embed_tokens.weight"))
-    calib = llm_weights.write_tokens(d / "calib.npz", vocab, 8, 32, seed=0)
-    held = llm_weights.write_tokens(d / "held.npz", vocab, 4, 32, seed=1)
-    return model, calib, held
 
 
 @pytest.mark.parametrize("args", [[], ["--format", "nbits", "--method", "gptq"]], ids=["default", "nbits-gptq"])
-def test_tiny_qwen2_compresses_and_runs(tiny, tmp_path, args):
-    model, calib, held = tiny
+def test_tiny_qwen2_compresses_and_runs(tiny_qwen2, tmp_path, args):
+    model, calib, held = tiny_qwen2
     out = tmp_path / "q.onnx"
     assert main(["compress", str(model), "--calib", str(calib), "-o", str(out), "-q", "--report",
                  str(tmp_path / "r.json"), *args]) == 0
@@ -56,11 +41,11 @@ def test_tiny_qwen2_compresses_and_runs(tiny, tmp_path, args):
     assert os.path.getsize(tmp_path / "q.onnx.data") < 0.6 * os.path.getsize(str(model) + ".data")
 
 
-def test_row_chunks_give_the_same_weights_for_a_deterministic_method(tiny, tmp_path, monkeypatch):
+def test_row_chunks_give_the_same_weights_for_a_deterministic_method(tiny_qwen2, tmp_path, monkeypatch):
     """The lm_head (8192 x 384) cut into 4 row chunks: GPTQ's output bytes equal the unchunked run's."""
     import onnxspfq.api as api
 
-    model, calib, _ = tiny
+    model, calib, _ = tiny_qwen2
     out = {}
     for name, cap in (("whole", api.ROW_CHUNK_WEIGHTS), ("chunked", 8192 * 384 // 4)):
         monkeypatch.setattr(api, "ROW_CHUNK_WEIGHTS", cap)

@@ -3,9 +3,6 @@
 ops) checked on the emitted file, and onnxruntime CPU's MatMulNBits form; every output runs in onnxruntime."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,9 +11,6 @@ from onnx import numpy_helper
 
 from onnxspfq.cli import main
 from onnxspfq.config import ActConfig, CompressConfig, QuantConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-import llm_weights  # noqa: E402
 
 INT4, INT2 = onnx.TensorProto.INT4, onnx.TensorProto.INT2
 
@@ -37,16 +31,6 @@ def test_defaults_follow_the_target():
     assert CompressConfig(quant=prune, target="tensorrt").format == "float"  # TensorRT reads dense weights
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen2")
-    model = llm_weights.ensure_tiny(d)
-    vocab = next(t.dims[0] for t in onnx.load(str(model), load_external_data=False).graph.initializer
-                 if t.name.endswith("embed_tokens.weight"))
-    return model, llm_weights.write_tokens(d / "calib.npz", vocab, 4, 32, seed=0), \
-        llm_weights.write_tokens(d / "held.npz", vocab, 2, 32, seed=1)
-
-
 def _cosine_to_float(model, out, held) -> float:
     with np.load(held) as z:
         feeds = {k: z[k] for k in z.files}
@@ -62,10 +46,10 @@ def _weights_by_dq(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, 
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_tensorrt_weight_only_is_block_int4_on_every_matmul(tiny, tmp_path, bits, capsys):
+def test_tensorrt_weight_only_is_block_int4_on_every_matmul(tiny_qwen2, tmp_path, bits, capsys):
     """The decoder's MatMuls (K = 384, 1536: multiples of 128) all become INT4 block-wise along K; 2-bit codes are
     stored in INT4 too (TensorRT reads no INT2), and the file still runs in onnxruntime."""
-    model, calib, held = tiny
+    model, calib, held = tiny_qwen2
     out = tmp_path / "trt.onnx"
     assert main(["compress", str(model), "--calib", str(calib), "-o", str(out), "-q", "--target", "tensorrt",
                  "--bits", str(bits)]) == 0
@@ -130,8 +114,8 @@ def test_tensorrt_w8a8_uses_int8_zero_point_0(fmnist_cnn, fmnist_calib_small, tm
 
 
 @pytest.mark.parametrize("level", [None, "0"])
-def test_ort_cpu_writes_matmulnbits_at_the_accuracy_level(tiny, tmp_path, level, capsys):
-    model, calib, held = tiny
+def test_ort_cpu_writes_matmulnbits_at_the_accuracy_level(tiny_qwen2, tmp_path, level, capsys):
+    model, calib, held = tiny_qwen2
     out = tmp_path / "cpu.onnx"
     extra = [] if level is None else ["--accuracy-level", level]
     assert main(["compress", str(model), "--calib", str(calib), "-o", str(out), "-q", "--target", "ort-cpu",
