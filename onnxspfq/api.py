@@ -28,7 +28,7 @@ from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.evaluate import evaluate, held_out_source
 from onnxspfq.gram import Grams
-from onnxspfq.graph import check_runnable, load_model, weightless
+from onnxspfq.graph import check_runnable, load_model, upstream, weightless
 from onnxspfq.fold import fold_weight_chains
 from onnxspfq.layers import MATMUL_OPS, Layer
 from onnxspfq.io import Model, model_file_bytes, session
@@ -164,9 +164,10 @@ class _Run:
                        max_patches=config.max_patches, seed=config.seed, progress=progress,
                        token_mask=self.token_mask, act=act)
 
-    def act_tensors(self) -> tuple[set[str], list[tuple[str, str]]]:
-        """(the layer inputs W8A8 quantizes, the layers whose input stays float and why): float32 tensors of the
-        main graph (an If branch's own tensors cannot take a main-graph QuantizeLinear)."""
+    def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str]]:
+        """W8A8's tensors: (their ActScales, the layers whose input stays float and why, layer -> the output tensor
+        the target also quantizes). Float32 tensors of the main graph only (an If branch's own tensors cannot take
+        a main-graph QuantizeLinear)."""
         g = self.model.proto.graph
         main = {o for n in g.node for o in n.output} | {i.name for i in g.input}
         keep, left = set(), []
@@ -177,7 +178,14 @@ class _Run:
                 left.append((layer.name, f"input float: {np.dtype(layer.weight_dtype).name}, not float32"))
             else:
                 keep.add(layer.input)
-        return keep, left
+        outputs = targets.output_tensors(config, g, [layer for layer in self.layers if layer.input in keep])
+        # an output no layer input depends on is not quantized: the capture never computes it, and its Q would
+        # only add error to what the model returns
+        needed = upstream(g, [layer.input for layer in self.layers])
+        outputs = {name: t for name, t in outputs.items() if t in needed and t in main}
+        tensors = keep | set(outputs.values())
+        unsigned, shared = activations.layout(g, tensors, config.activations.dtype)
+        return ActScales(config.activations, tensors, unsigned, shared), left, outputs
 
 
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
@@ -204,8 +212,10 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     bits = None if config.avg_bits is None else _mixed_bits(run, config, compare_output)
     act = None
     if config.activations is not None:
-        tensors, float_inputs = run.act_tensors()
-        act = ActScales(config.activations, tensors)
+        act, float_inputs, outputs = run.act_scales(config)
+        if outputs:
+            run.plan.changed += (f"; {len(outputs)} Conv / Gemm outputs quantized too (onnxruntime runs "
+                                 "DQ -> op -> Q as QLinearConv / QGemm)")
     done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config, run.plan)
     if config.opset is not None:
@@ -214,13 +224,20 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             raise OnnxspfqError(f"internal check failed: the output is at opset {emit_qdq.default_opset(compressed)}, "
                                 f"not --opset {config.opset}; please report this")
     if act is not None:
-        activations.emit(compressed, act.scales, config.activations.dtype)
+        activations.emit(compressed, act.scales, config.activations.dtype, act.unsigned, act.shared)
+        if config.target != "tensorrt":  # TensorRT's documented form omits them (zero point 0)
+            emit_qdq.explicit_zero_points(compressed)
         why = dict(float_inputs)
         inputs = {layer.name: layer.input for layer in run.layers}
+
+        def said(t: str) -> str:
+            return f"{'uint8' if t in act.unsigned else 'int8'}, scale {act.scales[t]:.4g}"
+
         for r in layer_reports:
-            scale = act.scales.get(inputs[r.name])
-            r.note = "; ".join(filter(None, [r.note, f"input int8, scale {scale:.4g}" if scale is not None
-                                             else why.get(r.name, "input float")]))
+            t, o = inputs[r.name], outputs.get(r.name)
+            r.note = "; ".join(filter(None, [r.note, f"input {said(t)}" if t in act.scales
+                                             else why.get(r.name, "input float"),
+                                             o in act.scales and f"output {said(o)}"]))
     del floats, done
     before, after = emit_qdq.default_opset(run.model.proto), emit_qdq.default_opset(compressed)
     report = Report(model=str(model_path), output=output, config=dict(config.effective(), token_mask=run.token_mask or

@@ -28,7 +28,7 @@ from onnxspfq.layers import MATMUL_OPS, Layer
 from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams
-from onnxspfq.activations import ActScales, fake_quant
+from onnxspfq.activations import ActScales
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
@@ -103,8 +103,8 @@ class Capture:
         self._wl = wl
         self._value_infos = {v.name: v for v in list(wl.graph.value_info) + list(wl.graph.input) + list(wl.graph.output)}
         self._graph_inputs = [i.name for i in wl.graph.input if i.name not in self._inits]
-        self._plan, self._last_use, self._weight_last_use = _plan(wl, [layer.input for layer in self.layers],
-                                                                  self._fed, self._graph_inputs)
+        cuts, self._segment_of = _cuts(wl, [layer.input for layer in self.layers], act.tensors if act else set())
+        self._plan, self._last_use, self._weight_last_use = _plan(wl, cuts, self._fed, self._graph_inputs)
         self._budget = Budget(int(memory_limit_mb) * 2 ** 20, spill_dir)
         self._finalizer = weakref.finalize(self, cleanup, self._budget)
         self._sessions: dict[int, ort.InferenceSession] = {}
@@ -121,17 +121,18 @@ class Capture:
         if layer.name not in self._index:
             raise ValueError(f"layer {layer.name!r} is not one of this Capture's layers")
         k = self._index[layer.name]
+        last = self._segment_of[k]  # the segment computing this layer's input
         for name, arr in weights.items():
             if name not in self._fed:
                 raise ValueError(f"weight {name!r} is not a layer weight of this Capture's model")
             if not isinstance(arr, Digest) and tuple(np.shape(arr)) != tuple(self._inits[name].dims):
                 raise ValueError(f"weight {name!r}: shape {np.shape(arr)} differs from {tuple(self._inits[name].dims)}")
-        if self._float.pos > k + 1:
+        if self._float.pos > last + 1:
             self._float = self._fresh()
-        if self._comp.pos > k + 1 or not self._consistent(weights):
+        if self._comp.pos > last + 1 or not self._consistent(weights):
             self._comp = self._fresh(compressed=True)
         start = min(self._float.pos, self._comp.pos)
-        steps = range(start, k + 1)
+        steps = range(start, last + 1)
         if self.progress and len(steps) > 1:
             from tqdm import tqdm
             steps = tqdm(steps, desc=f"capture {layer.name}", leave=False)
@@ -174,9 +175,9 @@ class Capture:
         calibrated on its float values; they then count as changed for every later segment."""
         nb = len(self.batches)
         for t in names:
-            scale = self.act.scale(t, [float_value(b, t) for b in range(nb)])
+            self.act.scale(t, [float_value(b, t) for b in range(nb)])
             for b in range(nb):
-                fr.store[(b, t)] = Held(fake_quant(fr.store[(b, t)].get(), scale), self._budget)
+                fr.store[(b, t)] = Held(self.act.fake_quant(t, fr.store[(b, t)].get()), self._budget)
             fr.tainted.add(t)
 
     def release(self, weights: dict[str, np.ndarray | Digest]) -> dict[str, np.ndarray | Digest]:
@@ -330,6 +331,34 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------------------------------- planning
+def _cuts(wl: onnx.ModelProto, inputs: list[str], quantized: set[str]) -> tuple[list[str], list[int]]:
+    """The tensors the model is cut at, in order, and the cut of each layer input (inputs: in layer order).
+    Every quantized tensor (W8A8) is a cut, so that the compressed frontier holds it and can fake-quantize it
+    before any node reads it: before a layer's input come the quantized tensors it depends on that no earlier cut
+    holds, in graph order (a quantized tensor no layer input depends on is not cut: nothing after it is captured)."""
+    if not quantized:
+        return list(inputs), list(range(len(inputs)))
+    g = wl.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    reads = [node_reads(n) for n in g.node]
+    cuts, segment_of, seen = [], [], set()
+    for t in inputs:
+        found, stack = [], [t]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in quantized and name != t:
+                found.append(name)
+            if name in producer:
+                stack.extend(reads[producer[name]])
+        cuts += sorted(found, key=lambda n: producer.get(n, -1))
+        segment_of.append(len(cuts))
+        cuts.append(t)
+    return cuts, segment_of
+
+
 def _plan(wl: onnx.ModelProto, targets: list[str], fed: set[str], graph_inputs: list[str]
           ) -> tuple[list[_Segment], dict[str, int], dict[str, int]]:
     """Segments (one per target, in order), each tensor's last use (segment index that reads it), and each fed

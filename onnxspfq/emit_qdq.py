@@ -232,6 +232,23 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
     return model
 
 
+def explicit_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (modified in place) with an explicit all-zero zero point on every weight DequantizeLinear that has
+    none (the same codes and values): onnxruntime fuses DQ -> Gemm -> Q into QGemm only with it (DQ -> Conv -> Q
+    into QLinearConv either way; tests/test_targets.py reads the fused graph). For W8A8 on onnxruntime."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    taken = all_names(graph)
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and len(n.input) == 2 and n.input[0] in inits and n.input[1] in inits:
+            codes, scale = inits[n.input[0]], inits[n.input[1]]
+            z_name = unique_name(f"{n.input[0]}_zero_point", taken)
+            zeros = np.zeros(tuple(scale.dims), helper.tensor_dtype_to_np_dtype(codes.data_type))
+            graph.initializer.append(numpy_helper.from_array(zeros, z_name))
+            n.input.append(z_name)
+    return model
+
+
 def emit(model: onnx.ModelProto, items: list[tuple[Any, Any, int]], fmt: str = "qdq") -> onnx.ModelProto:
     """Return a new model whose listed weights are quantized; `model` itself is not modified.
 

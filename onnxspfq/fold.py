@@ -18,7 +18,7 @@ CHAIN_OPS = ("Identity", "Transpose", "Cast")
 BODY_OPS = ("If", "Loop")  # sub-graphs whose weights are lifted (branches.py captures their layers; not Scan)
 
 
-def _constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
             return numpy_helper.to_array(a.t)
@@ -44,7 +44,7 @@ def _chain(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onn
     if node is None or depth > 64:
         return None
     if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        value = _constant_attr(node)
+        value = constant_attr(node)
         if value is None:
             return None
         return tuple(value.shape), onnx.helper.np_dtype_to_tensor_dtype(value.dtype), lambda: value

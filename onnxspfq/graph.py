@@ -104,6 +104,21 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
     return refs - local
 
 
+def upstream(graph: onnx.GraphProto, names: list[str]) -> set[str]:
+    """`names` and every tensor they are computed from (sub-graph reads included)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in producer:
+            stack += node_reads(producer[t])
+    return seen
+
+
 def needed_nodes(graph: onnx.GraphProto, outputs: list[str], stop: set[str]) -> list[int]:
     """Indices (in order) of the nodes computing `outputs` from the names in `stop`, sub-graph reads included."""
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}

@@ -81,6 +81,37 @@ def refusals(config) -> str | None:
     return None
 
 
+def output_tensors(config, graph, layers: list) -> dict[str, str]:
+    """layer name -> the tensor W8A8 also quantizes after that layer, so that the runtime runs it in int8 end to
+    end: under ort-cpu each Conv's and Gemm's output, or the output of the Relu / Clip that is its only reader
+    (onnxruntime fuses DQ -> Conv [-> Relu / Clip] -> Q into QLinearConv and DQ -> Gemm -> Q into QGemm, folding
+    the Relu / Clip into an unsigned Q's range; without the Q both run in float on de-quantized inputs and weights,
+    EfficientNet-Lite0 3x slower than float, RESULTS.md section 13; tests/test_targets.py reads the fused graph).
+    MatMul needs none (onnxruntime runs DQ -> MatMul with a float output in int8), nor does TensorRT (it places
+    its own output quantization: inputs only, its documented placement)."""
+    from onnxspfq.activations import layout
+
+    if config.target != "ort-cpu" or config.activations is None:
+        return {}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    out = {}
+    for layer in layers:
+        if layer.op not in ("Conv", "Gemm"):
+            continue
+        t, after = layer.output, readers.get(layer.output, [])
+        if len(after) == 1 and after[0].op_type in ("Relu", "Clip") and t not in outputs:
+            folded = after[0].output[0]  # folded only into an unsigned Q (its range must lie inside the Clip's)
+            if folded in layout(graph, {folded}, config.activations.dtype)[0]:
+                t = folded
+        if readers.get(t):  # a tensor only the graph outputs read keeps its float values
+            out[layer.name] = t
+    return out
+
+
 def plan(config, layers: list) -> Plan:
     """Each layer's LayerPlan under config.target, and the line saying what changed (layers: layers.Layer)."""
     from onnxspfq.layers import MATMUL_OPS  # here: layers -> operators -> config imports this module

@@ -3,6 +3,9 @@ calibration, the emitted pairs, the capture of the compressed model with quantiz
 run on the bundled CNN."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -43,6 +46,78 @@ def test_fake_quant_equals_onnxruntime_bit_for_bit(scale, dtype):
     x = x.astype(np.float32)
     sess = ort.InferenceSession(_qdq_model(scale, dtype).SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.array_equal(sess.run(None, {"x": x})[0], fake_quant(x, scale))
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.0371, 6.0 / 255])
+def test_unsigned_fake_quant_equals_onnxruntime_bit_for_bit(scale):
+    """uint8 at zero point 0: ties, saturation at 0 and at 255 * scale, ordinary values."""
+    from onnxspfq.activations import UNSIGNED_ZERO_POINT
+
+    s = np.float32(scale)
+    ties = (np.arange(-5, 270) + 0.5).astype(np.float32) * s
+    x = np.concatenate([ties, np.abs(RNG.standard_normal(5000)).astype(np.float32) * 100 * s, [0.0, 1e30, -1e30]])
+    x = x.astype(np.float32)
+    m = _qdq_model(scale, "uint8")
+    m.graph.initializer[1].CopyFrom(nh.from_array(np.array(UNSIGNED_ZERO_POINT), "z"))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(sess.run(None, {"x": x})[0], fake_quant(x, scale, unsigned=True))
+
+
+def test_unsigned_scale_never_past_the_clip():
+    """A Clip(0, 6) folds into an unsigned Q only when 255 * scale <= 6: the float32 scale is rounded down."""
+    for top in (6.0, 1.0, 0.1, 3.3, 255.0):
+        x = [np.array([0.0, top], np.float32)]
+        s = calibrate(x, ActConfig("minmax"), unsigned=True)
+        assert np.float32(s) * np.float32(255) <= np.float32(top)
+        assert s == pytest.approx(top / 255, rel=1e-6)
+
+
+def test_layout_finds_non_negative_tensors_and_shared_grids():
+    """Relu / Clip at min >= 0 outputs are non-negative, and so is what MaxPool / Pad at 0 / Flatten make of them;
+    Clip at min < 0 or Pad at a non-zero value are not; a tensor a value-moving chain makes from another quantized
+    tensor shares its grid (and its sign)."""
+    from onnxspfq.activations import layout
+
+    inits = [nh.from_array(np.array(0.0, np.float32), "zero"), nh.from_array(np.array(-1.0, np.float32), "neg"),
+             nh.from_array(np.array(6.0, np.float32), "six"), nh.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1]), "p"),
+             nh.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("MaxPool", ["r"], ["m"], kernel_shape=[2, 2]),
+             h.make_node("Flatten", ["m"], ["f"]),
+             h.make_node("Clip", ["x", "zero", "six"], ["c6"]), h.make_node("Pad", ["c6", "p"], ["pad0"]),
+             h.make_node("Pad", ["c6", "p", "two"], ["pad2"]),
+             h.make_node("Clip", ["x", "neg", "six"], ["cneg"]), h.make_node("Add", ["r", "r"], ["sum"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 4, 4])],
+                     [h.make_tensor_value_info(t, TP.FLOAT, None) for t in ("f", "pad0", "pad2", "cneg", "sum")],
+                     inits)
+    everything = {"x", "r", "m", "f", "c6", "pad0", "pad2", "cneg", "sum"}
+    unsigned, shared = layout(g, everything, "uint8")
+    assert unsigned == {"r", "m", "f", "c6", "pad0"}
+    assert shared == {"m": "r", "f": "m", "pad0": "c6"}
+    assert layout(g, everything, "int8")[0] == set()  # int8 storage: zero point 0 only, symmetric
+    unsigned, shared = layout(g, {"f", "pad0", "x"}, "uint8")  # nothing quantized upstream: no sharing
+    assert unsigned == {"f", "pad0"} and shared == {}
+
+
+def test_capture_quantizes_a_tensor_inside_a_segment_before_its_readers():
+    """A quantized tensor that is no layer input (an ort-cpu Conv output) sits between two layers: the capture
+    cuts the model there, so the next layer's X~ is computed from its fake-quantized values; the scale comes from
+    the float values; X is unchanged."""
+    m = mlp([6, 5, 4], seed=4)
+    layers, _ = find_layers(m)
+    mid = m.graph.node[0].output[0]  # the first MatMul's output, read by the Relu
+    batches = [{"x": RNG.standard_normal((32, 6)).astype(np.float32)} for _ in range(2)]
+    act = ActScales(ActConfig("minmax"), {mid})
+    with Capture(m, layers, batches, act=act) as cap:
+        cap.grams(layers[0], {})
+        g1 = cap.grams(layers[1], {})[0]
+    x = np.concatenate([b["x"] for b in batches])
+    W = {t.name: nh.to_array(t) for t in m.graph.initializer}
+    y = x @ W[layers[0].weight]
+    assert act.scales[mid] == pytest.approx(np.abs(y).max() / QMAX, rel=1e-6)
+    h_comp = np.maximum(fake_quant(y, act.scales[mid]), 0).astype(np.float64)
+    np.testing.assert_allclose(g1.H, h_comp.T @ h_comp, rtol=1e-5)
+    h_float = np.maximum(y, 0).astype(np.float64)
+    np.testing.assert_allclose(g1.F, h_float.T @ h_float, rtol=1e-5)
 
 
 def test_calibration_minmax_and_percentile():
@@ -114,9 +189,15 @@ def test_w8a8_run_on_the_cnn(tmp_path, fmnist_cnn, fmnist_calib_small):
                    CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig()), progress=False)
     q = onnx.load(str(out))
     layers, _ = find_layers(onnx.load(str(fmnist_cnn)))
-    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
-    assert quantized == {layer.input for layer in layers}
-    assert all("input int8, scale" in r.note for r in res.report.layers)
+    quantized = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert set(quantized) == {layer.input for layer in layers}
+    zero = {t.name: nh.to_array(t) for t in q.graph.initializer}
+    # the image is signed (zero point 128); every later input is a Relu's (through MaxPool / Flatten): unsigned
+    first = q.graph.input[0].name
+    assert {t: int(zero[n.input[2]]) for t, n in quantized.items()} == {
+        t: 128 if t == first else 0 for t in quantized}
+    assert all(("input int8, scale" if layer.input == first else "input uint8, scale") in r.note
+               for layer, r in zip(layers, res.report.layers))
     assert res.report.agreement.top1_agreement > 0.95
     assert res.report.config["quant"]["align_ridge"] == float("inf")  # the W8A8 default: no alignment
 
@@ -151,3 +232,45 @@ def test_w8a8_on_a_model_with_if_branches(tmp_path):
     assert [r.name for r in res.report.layers] == ["mm0", "e_mm1"]
     assert all("input int8, scale" in r.note for r in res.report.layers)
     assert res.report.agreement.cosine > 0.99
+
+
+def test_pad_between_quantized_tensors_gets_no_pair_and_folds_into_the_conv():
+    """Relu -> Pad -> Conv -> Q with both tensors quantized on one grid: the Pad output (already on the grid) gets
+    no pair, onnxruntime folds the Pad into the Conv (a pair after the Pad would leave a float Pad between DQ
+    and Q), and the model computes exactly the float model on the fake-quantized Relu output; signed grid too."""
+    from onnxspfq.activations import layout
+
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    for relu in (True, False):
+        first = [h.make_node("Relu", ["x"], ["r"])] if relu else [h.make_node("Identity", ["x"], ["r"])]
+        nodes = first + [h.make_node("Pad", ["r", "p"], ["padded"]), h.make_node("Conv", ["padded", "wd"], ["y"]),
+                         h.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=0)]
+        wscale = np.abs(w).reshape(4, -1).max(1) / 127
+        wq = np.rint(w / wscale[:, None, None, None]).astype(np.int8)
+        g = h.make_graph(nodes[-1:] + nodes[:-1], "g", [h.make_tensor_value_info("x", TP.FLOAT, [2, 3, 6, 6])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [2, 4, 6, 6])],
+                         [nh.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1]), "p"), nh.from_array(wq, "wq"),
+                          nh.from_array(wscale.astype(np.float32), "ws")])
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+        m.ir_version = 8
+        tensors = {"r", "padded", "y"}
+        unsigned, shared = layout(m.graph, tensors, "uint8")
+        assert shared == {"padded": "r"} and unsigned == ({"r", "padded"} if relu else set())
+        q = emit(onnx.ModelProto.FromString(m.SerializeToString()), {"r": 0.03, "padded": 0.03, "y": 0.05},
+                 "uint8", unsigned, shared)
+        onnx.checker.check_model(q)
+        assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == {"r", "y"}
+        x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        got = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        r = fake_quant(np.maximum(x, 0) if relu else x, 0.03, unsigned=relu)
+        want = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"x": r})[0]  # Relu / Identity of fake-quantized values: the same values
+        np.testing.assert_array_equal(got, want)
+        # y is a graph output, so its pair is read by nothing: only the Q before the Pad and the Conv remain
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tempfile.mkdtemp()) / "opt.onnx")
+        ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+        assert "Pad" not in ops, ops

@@ -139,3 +139,39 @@ def test_ort_cpu_conv_stays_qdq(fmnist_cnn, fmnist_calib_small, tmp_path):
     dq = _weights_by_dq(proto)
     assert all(n.input[1] in dq and dq[n.input[1]][0].data_type == INT4 for n in proto.graph.node if n.op_type == "Conv")
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_ort_cpu_w8a8_conv_and_gemm_outputs_fuse(fmnist_cnn, fmnist_calib_small, fmnist_test, tmp_path, capsys):
+    """Under ort-cpu W8A8 each Conv's Relu output and the hidden Gemm's Relu output get an unsigned Q (zero point
+    0) besides the layer inputs (the logits Gemm feeds only the graph output: no Q), and onnxruntime's optimizer
+    turns every Conv into QLinearConv with the Relu folded in and that Gemm into QGemm; under generic (layer
+    inputs only) Conv 2 stays float; the compressed model agrees with float on held-out images."""
+    out, generic = tmp_path / "cpu8.onnx", tmp_path / "generic8.onnx"
+    for path, target in ((out, "ort-cpu"), (generic, "generic")):
+        assert main(["compress", str(fmnist_cnn), "--calib", str(fmnist_calib_small), "-o", str(path), "-q",
+                     "--target", target, "--activations", "int8"]) == 0
+    assert "3 Conv / Gemm outputs quantized too" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    layers = {n.output[0] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
+    relus = {n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.input[0] in layers}
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    qs = {n.input[0]: n for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert len(qs) == 6 and relus <= set(qs)  # 4 layer inputs + 2 Conv outputs (the Gemm's Relu is an input)
+    assert all(inits[qs[t].input[2]] == 0 for t in relus)
+
+    def optimized_ops(path):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    fused, plain = optimized_ops(out), optimized_ops(generic)
+    assert fused.count("QLinearConv") == 2 and fused.count("QGemm") == 1, fused
+    assert "FusedConv" not in fused and "Conv" not in fused and fused.count("Gemm") == 1  # the logits
+    # generic quantizes layer inputs only: Conv 1 (Relu -> MaxPool -> Q) and the hidden Gemm (Relu -> Q) fuse,
+    # Conv 2 (Relu -> MaxPool -> Flatten -> Q) does not
+    assert plain.count("QLinearConv") == 1 and plain.count("QGemm") == 1, plain
+    x = fmnist_test[0][:500]
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fmnist_cnn, out)]
+    a, b = (s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions)
+    assert np.mean(a.argmax(1) == b.argmax(1)) > 0.95

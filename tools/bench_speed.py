@@ -11,8 +11,11 @@ Outputs per model (a row says "n/a" with the reason where one does not apply):
   onnxspfq w4 tensorrt --target tensorrt (INT4 block-wise weight-only MatMul / Gemm, the rest float): TensorRT's
                       form, timed here on onnxruntime CPU only because TensorRT cannot run on these machines; its
                       quality is what TensorRT would compute up to fp16 rounding
-  onnxspfq w8a8       --activations int8 (W8A8 QDQ: int8 per-channel weights, each layer input uint8 zp 128)
-  onnxspfq w8a8 int8  the same with --act-type int8 (zero point 0, TensorRT's form: the same values)
+  onnxspfq w8a8       --activations int8 (W8A8 QDQ: int8 per-channel weights, each layer input uint8: zero point
+                      128, or 0 where the tensor cannot be negative)
+  onnxspfq w8a8 ort-cpu --target ort-cpu --activations int8: Conv / Gemm outputs quantized too, so onnxruntime
+                      runs them as QLinearConv / QGemm
+  onnxspfq w8a8 int8  --activations int8 --act-type int8 (zero point 0, TensorRT's form: symmetric only)
   ort dynamic         onnxruntime quantize_dynamic (int8 weights, activations quantized at run time)
   ort static          onnxruntime quantize_static (QDQ, per channel int8 weights, uint8 activations, MinMax)
   ort nbits           onnxruntime MatMulNBitsQuantizer, 4-bit RTN, block 32 (MatMul weights only)
@@ -26,7 +29,8 @@ the rounds; the decoder graph has no KV cache, so its rows are one token (a deco
 prefill of one sequence.
 
     pip install -e ".[bench]"   # onnxruntime's MatMulNBits quantizer imports onnx-ir
-    python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0 qwen2_tiny] [--rounds 20] [--json F] [--md F]
+    python tools/bench_speed.py [--models fmnist_cnn minilm efficientnet_lite0 qwen2_tiny] [--outputs LABEL ...]
+                                [--rounds 20] [--json F] [--md F]
 """
 from __future__ import annotations
 
@@ -75,11 +79,11 @@ def _eval(name: str, files: dict):
         data = {k: z[k] for k in z.files}
     return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(data["input_ids"]))], None, None, "logits"
 OUTPUTS = ("float", "onnxspfq w4", "onnxspfq w4 nbits", "onnxspfq w4 ort-cpu", "onnxspfq w4 tensorrt",
-           "onnxspfq w8a8", "onnxspfq w8a8 int8", "ort dynamic", "ort static", "ort nbits")
+           "onnxspfq w8a8", "onnxspfq w8a8 ort-cpu", "onnxspfq w8a8 int8", "ort dynamic", "ort static", "ort nbits")
 
 
-def build(name: str, tmp: str, files: dict) -> dict[str, str]:
-    """Every output of one model: label -> path, or label -> "n/a: why"."""
+def build(name: str, tmp: str, files: dict, wanted: tuple[str, ...] = OUTPUTS) -> dict[str, str]:
+    """The outputs `wanted` of one model (float always): label -> path, or label -> "n/a: why"."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -95,8 +99,12 @@ def build(name: str, tmp: str, files: dict) -> dict[str, str]:
             "onnxspfq w4 ort-cpu": CompressConfig(target="ort-cpu"),
             "onnxspfq w4 tensorrt": CompressConfig(target="tensorrt"),
             "onnxspfq w8a8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig()),
+            "onnxspfq w8a8 ort-cpu": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig(),
+                                                    target="ort-cpu"),
             "onnxspfq w8a8 int8": CompressConfig(quant=QuantConfig(bits=8), activations=ActConfig(dtype="int8"))}
     for label, cfg in ours.items():
+        if label not in wanted:
+            continue
         cfg = dataclasses.replace(cfg, samples=spec.get("samples"), batch_size=spec.get("batch_size", 16))
         path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
         t = time.perf_counter()
@@ -109,10 +117,13 @@ def build(name: str, tmp: str, files: dict) -> dict[str, str]:
         out[label] = path
     feeds = load_calibration(calib, onnx.load(str(files["model"])), samples=spec.get("samples"),
                              batch_size=spec.get("batch_size", 16))
-    path = os.path.join(tmp, "ort_dynamic.onnx")
-    quantize_dynamic(str(files["model"]), path, weight_type=QuantType.QInt8)
-    out["ort dynamic"] = path
+    if "ort dynamic" in wanted:
+        path = os.path.join(tmp, "ort_dynamic.onnx")
+        quantize_dynamic(str(files["model"]), path, weight_type=QuantType.QInt8)
+        out["ort dynamic"] = path
     for label, kind in (("ort static", "ort-static-w8a8"), ("ort nbits", "ort-nbits-rtn")):
+        if label not in wanted:
+            continue
         path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
         reason = _ort_quantize(kind, files["model"], feeds, path)
         out[label] = path if reason is None else f"n/a: {reason}"
@@ -164,6 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "minilm", "efficientnet_lite0", DECODER],
                     choices=list(BATCH))
+    ap.add_argument("--outputs", nargs="+", default=list(OUTPUTS[1:]), choices=OUTPUTS[1:],
+                    help="the outputs to build and time besides float (default: all)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", default="docs/results_speed.json")
     ap.add_argument("--md", default="docs/RESULTS_speed.md")
@@ -178,7 +191,7 @@ def main() -> None:
             if not all(Path(p).exists() for p in files.values()):
                 print(f"{name}: skipped (missing {files}; see models/README.md)", flush=True)
                 continue
-            built = build(name, tmp, files)
+            built = build(name, tmp, files, tuple(a.outputs))
             sessions = {k: _session(p) for k, p in built.items() if not p.startswith("n/a")}
             eval_data = _eval(name, files)
             q = quality(name, sessions, eval_data)
@@ -214,7 +227,7 @@ def main() -> None:
             lines.append(f"| {k} | {sizes[k] / 1e6:.2f} | {v:.4f}{extra} | {1e3 * t[k][1]:.2f} | "
                          f"{t['float'][1] / t[k][1]:.2f} | {1e3 * t[k][bs]:.2f} | {t['float'][bs] / t[k][bs]:.2f} |")
         lines.append("")
-        print("\n".join(lines[-len(OUTPUTS) - 4:]), flush=True)
+        print("\n".join(lines[-len(built) - 4:]), flush=True)
         Path(a.json).write_text(json.dumps(doc, indent=1))
         Path(a.md).write_text("\n".join(lines) + "\n")
 
