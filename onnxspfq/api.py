@@ -226,7 +226,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     if act is not None:
         activations.emit(compressed, act.scales, config.activations.dtype, act.unsigned, act.shared)
         if config.target != "tensorrt":  # TensorRT's documented form omits them (zero point 0)
-            emit_qdq.explicit_zero_points(compressed)
+            emit_qdq.gemm_zero_points(compressed)
         why = dict(float_inputs)
         inputs = {layer.name: layer.input for layer in run.layers}
 
@@ -440,7 +440,7 @@ def _check_and_measure(report: Report, run: _Run, model_path: str, written: str,
                             "please report this") from None
     batches = run.eval_batches if run.eval_batches is not None else run.batches
     if batches:
-        report.agreement = evaluate(model_path, written, batches, output=compare_output)
+        report.agreement = evaluate(model_path, written, batches, output=compare_output, token_mask=run.token_mask)
         report.agreement_data = "held out (--eval-data)" if run.eval_batches is not None else "calibration"
         if (warning := poor_result(report)) is not None:
             report.warnings.append(warning)

@@ -199,9 +199,10 @@ ACT_TYPES = ("uint8", "int8")
 
 @dataclass(frozen=True)
 class ActConfig:
-    """Activation quantization (W8A8, activations.py): per-tensor symmetric int8 on each compressed layer's input,
-    its scale from the float values on the calibration data: "minmax" maps max|x| to 127; "percentile" that
-    percentile of |x|, clipping the rare outliers (of transformer activations) instead of spending the grid on them."""
+    """Activation quantization (W8A8, activations.py): per-tensor 8-bit on each compressed layer's input (and on
+    Conv / Gemm outputs under --target ort-cpu), its scale from the float values on the calibration data: "minmax"
+    maps max|x| to 127 (255 for a tensor that cannot be negative, stored uint8); "percentile" that percentile of
+    |x|, clipping the rare outliers (of transformer activations) instead of spending the grid on them."""
 
     # percentile with the W8A8 default path (no alignment, ALIGN_RIDGE_W8A8) measured best (docs/RESULTS.md
     # section 13): MiniLM-L6 cosine 0.9834 vs 0.9757 with minmax; the CNN and EfficientNet-Lite0 tied

@@ -119,6 +119,7 @@ class Agreement:
     overlap_at_k: float | None = None
     nn1_agreement: float | None = None
     nn1_rank_mean: float | None = None
+    padding_left_out: str | None = None  # the input whose zeros marked the padding positions not compared
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -205,11 +206,12 @@ def resolve_task(task: str, ref: np.ndarray, output_name: str | None = None, lab
 
 
 def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None, task: str = "classify",
-            k: int = 10, output_name: str | None = None) -> Agreement:
+            k: int = 10, output_name: str | None = None, keep: np.ndarray | None = None) -> Agreement:
     """Cosine similarity and relative L2 error over the whole output, mean per-sample cosine, plus
     - classify: top-1 agreement and, with labels, top-1 / top-5 accuracy (rows x classes outputs);
     - embed: neighbour retrieval agreement (see neighbour_agreement), no top-1 agreement.
-    `task` may be "auto" (see resolve_task)."""
+    `task` may be "auto" (see resolve_task). keep: (batch, sequence) positions that count when a classify output
+    is compared per position (a decoder's logits: padding positions left out)."""
     task = resolve_task(task, ref, output_name, labels)
     if ref.shape != out.shape:
         raise OnnxspfqError(f"the two models' outputs have different shapes {ref.shape} and {out.shape}: "
@@ -217,6 +219,8 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None, 
     if task == "classify" and ref.ndim == 3 and labels is None:
         # [batch, sequence, classes] (a decoder's logits): one row per position, as next-token agreement is read
         ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+        if keep is not None and keep.size == len(ref):
+            ref, out = ref[keep.reshape(-1)], out[keep.reshape(-1)]
     # float64 figures for outputs up to 4M values; beyond, float32 (BLAS accumulates pairwise): MiniLM's
     # [256, 64, 384] hidden states in float64 plus their unit rows were 200 MB, a third of the run's peak
     dtype = np.float64 if ref.size <= 1 << 22 else np.float32
@@ -252,10 +256,30 @@ def _first_output(model: onnx.ModelProto | str) -> str:
     return m.graph.output[0].name
 
 
+def _mask_padding(refs: list[np.ndarray], outs: list[np.ndarray], feeds: list[dict[str, np.ndarray]],
+                  token_mask: str | None) -> list[np.ndarray | None]:
+    """Zero both models' outputs at padding positions (token_mask's zeros) where an output is (batch, sequence,
+    ...) over the mask's shape, in place of the lists' arrays; returns each call's kept positions (None: all).
+    A padding position's output is whatever the model computes for a token nothing reads (MiniLM-L6's
+    last_hidden_state there moves most under compression) and is not part of the result a user uses."""
+    keeps: list[np.ndarray | None] = []
+    for i, f in enumerate(feeds):
+        mask = None if token_mask is None else f.get(token_mask)
+        if mask is None or refs[i].ndim < 3 or tuple(refs[i].shape[:2]) != tuple(np.shape(mask)):
+            keeps.append(None)
+            continue
+        keep = np.asarray(mask) != 0
+        m = keep.reshape(keep.shape + (1,) * (refs[i].ndim - 2))
+        refs[i], outs[i] = np.where(m, refs[i], 0).astype(refs[i].dtype), np.where(m, outs[i], 0).astype(outs[i].dtype)
+        keeps.append(keep)
+    return keeps
+
+
 def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelProto | str,
              batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None, output: str | None = None,
-             task: str = "auto", k: int = 10) -> Agreement:
-    """Run both models on the same batches and compare output `output` (default: the float model's first)."""
+             task: str = "auto", k: int = 10, token_mask: str | None = None) -> Agreement:
+    """Run both models on the same batches and compare output `output` (default: the float model's first);
+    token_mask: the feed whose zeros mark padding tokens, left out of the comparison (_mask_padding)."""
     if task not in TASKS:
         raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     name = output or _first_output(float_model)
@@ -264,15 +288,22 @@ def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelPro
     per_call, ran = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
     refs = [c[0] for c in per_call]
     outs = [c[0] for c in _run(compressed_model, ran, [name])[0]]
+    keeps = _mask_padding(refs, outs, ran, token_mask)
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)[:sum(len(r) for r in refs)]
     if len({r.shape[1:] for r in refs}) == 1:
-        return compare(np.concatenate(refs), np.concatenate(outs), labels, task=task, k=k, output_name=name)
-    return _per_shape(refs, outs, labels, task, k, name)
+        keep = None if any(kp is None for kp in keeps) else np.concatenate(keeps)
+        res = compare(np.concatenate(refs), np.concatenate(outs), labels, task=task, k=k, output_name=name,
+                      keep=keep)
+    else:
+        res = _per_shape(refs, outs, labels, task, k, name, keeps)
+    if any(kp is not None for kp in keeps):
+        res.padding_left_out = token_mask
+    return res
 
 
 def _per_shape(refs: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None, task: str, k: int,
-               name: str) -> Agreement:
+               name: str, keeps: list[np.ndarray | None] | None = None) -> Agreement:
     """Agreement over calls whose outputs differ in shape (e.g. [batch, seq] outputs of unpadded text): the calls
     of one shape compared together, the figures then pooled. Cosine and relative error are exact over all values;
     the rest are means weighted by samples (neighbour metrics: over shapes with at least 2 samples)."""
@@ -283,8 +314,9 @@ def _per_shape(refs: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarra
     for shape in shapes:
         idx = [i for i, r in enumerate(refs) if r.shape[1:] == shape]
         lab = None if labels is None else np.concatenate([labels[starts[i]:starts[i + 1]] for i in idx])
+        kept = None if keeps is None or any(keeps[i] is None for i in idx) else np.concatenate([keeps[i] for i in idx])
         parts.append(compare(np.concatenate([refs[i] for i in idx]), np.concatenate([outs[i] for i in idx]), lab,
-                             task=task, k=k, output_name=name))
+                             task=task, k=k, output_name=name, keep=kept))
     dot = sum(float(np.dot(r.ravel().astype(np.float64), o.ravel().astype(np.float64))) for r, o in zip(refs, outs))
     rr = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in refs)
     oo = sum(float(np.sum(np.square(o, dtype=np.float64))) for o in outs)
@@ -338,7 +370,7 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
     `json_path`: where the caller will write the figures; checked here, before any work, against every input.
     """
     from onnxspfq import output_files
-    from onnxspfq.calib import load_calibration, source_files
+    from onnxspfq.calib import load_calibration, source_files, token_mask_input
     from onnxspfq.graph import load_model
 
     if task not in TASKS:
@@ -365,4 +397,5 @@ def evaluate_files(float_path: str, compressed_path: str, data: str, labels: str
         raise OnnxspfqError(f"{float_path} has no output named {output!r}; its outputs are {', '.join(names)}")
     if y is not None and task == "embed":
         y = None  # labels mean nothing to embedding metrics
-    return evaluate(float_path, compressed_path, batches, labels=y, output=output, task=task, k=k)
+    mask = token_mask_input("auto", float_model.proto, batches)  # an attention_mask input: padding left out
+    return evaluate(float_path, compressed_path, batches, labels=y, output=output, task=task, k=k, token_mask=mask)

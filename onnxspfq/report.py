@@ -104,6 +104,8 @@ class Report:
             line = f"output vs float model on {a.samples} {on} samples: cosine {a.cosine:.5f}, rel.err {a.rel_error:.4f}"
             if a.top1_agreement is not None:
                 line += f", top-1 agreement {100 * a.top1_agreement:.2f}%"
+            if a.padding_left_out:
+                line += f" (padding positions, {a.padding_left_out} = 0, left out)"
             rows.append(line)
             if on == "calibration":  # the data the methods fitted: it overstates (RESULTS.md section 6)
                 rows.append("  (measured on the data the layers were fitted to, which overstates agreement; "

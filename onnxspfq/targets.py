@@ -3,8 +3,9 @@
     generic   no runtime's rules: every layer as configured (the formats are standard ONNX, onnxruntime runs them)
     ort-cpu   onnxruntime's CPU provider: MatMul / Gemm weights as com.microsoft.MatMulNBits (the kernel that runs
               packed weights without dequantizing them each run; --accuracy-level, default 4 = int8 activations
-              inside the kernel), what it cannot hold (Conv) as QDQ; W8A8 with uint8 activations (zero point 128:
-              the u8 x s8 kernels). The format and accuracy defaults are config.py's; nothing is refused.
+              inside the kernel), what it cannot hold (Conv) as QDQ; W8A8 with uint8 activations (the u8 x s8
+              kernels) on layer inputs and on Conv / Gemm outputs (output_tensors: what QLinearConv / QGemm
+              fusion needs). The format and accuracy defaults are config.py's; nothing is refused.
     tensorrt  TensorRT's explicit quantization (docs; TensorRT cannot run on these machines): symmetric only, INT8
               per-channel weights on Conv / Gemm / MatMul with int8 activations (--activations int8, zero point 0),
               INT4 only as block-quantized (block 64 / 128 along K) weight-only MatMul / Gemm on 2-D weights, no

@@ -120,3 +120,57 @@ def test_cli_embed_flags(tmp_path, fmnist_cnn, cnn_2bit, fmnist_test, capsys):
     assert "no output named 'nope'" in capsys.readouterr().err
     cls = evaluate_files(str(fmnist_cnn), str(q), str(data))  # auto + labels -> classify with accuracy
     assert cls.task == "classify" and cls.top1_accuracy_compressed is not None
+
+
+def _masked_pair(tmp_path):
+    """Two (batch, sequence, 8) -> (batch, sequence, 4) MatMul models with an attention_mask input (added to the
+    output, so onnxruntime keeps it), differing in their weight: float and a perturbed copy."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    paths = []
+    for name, weight in (("float", w), ("noisy", w + 0.05 * rng.standard_normal(w.shape).astype(np.float32))):
+        nodes = [h.make_node("MatMul", ["x", "w"], ["xw"]), h.make_node("Cast", ["attention_mask"], ["m"], to=TP.FLOAT),
+                 h.make_node("Unsqueeze", ["m", "axes"], ["m3"]), h.make_node("Add", ["xw", "m3"], ["y"])]
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, ["b", "s", 8]),
+                                      h.make_tensor_value_info("attention_mask", TP.INT64, ["b", "s"])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, ["b", "s", 4])],
+                         [nh.from_array(weight, "w"), nh.from_array(np.array([-1]), "axes")])
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+        m.ir_version = 8
+        paths.append(str(tmp_path / f"{name}.onnx"))
+        onnx.save(m, paths[-1])
+    return paths
+
+
+def test_padding_positions_are_left_out_of_the_agreement(tmp_path):
+    """With a token mask, the cosine is the one over the real tokens only (padding positions hold inputs no one
+    reads, here large ones that would dominate), and the report names the mask; without, padding counts."""
+    import onnxruntime as ort
+
+    float_path, noisy_path = _masked_pair(tmp_path)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 6, 8)).astype(np.float32)
+    mask = np.ones((4, 6), np.int64)
+    mask[:, 4:] = 0
+    x[:, 4:] *= 100.0  # padding garbage
+    batches = [{"x": x, "attention_mask": mask}]
+    a = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, batches[0])[0]
+         for p in (float_path, noisy_path)]
+    real = mask.astype(bool)
+    r, o = a[0][real].ravel().astype(np.float64), a[1][real].ravel().astype(np.float64)
+    want = r @ o / (np.linalg.norm(r) * np.linalg.norm(o))
+    masked = evaluate(float_path, noisy_path, batches, task="classify", token_mask="attention_mask")
+    plain = evaluate(float_path, noisy_path, batches, task="classify")
+    assert masked.cosine == pytest.approx(want, abs=1e-9)
+    assert masked.padding_left_out == "attention_mask" and plain.padding_left_out is None
+    r, o = a[0].ravel().astype(np.float64), a[1].ravel().astype(np.float64)
+    assert plain.cosine == pytest.approx(r @ o / (np.linalg.norm(r) * np.linalg.norm(o)), abs=1e-9)
+    assert abs(plain.cosine - masked.cosine) > 1e-4
+    # per-position top-1 agreement counts the 16 real positions only
+    agree = np.mean(a[0][real].argmax(-1) == a[1][real].argmax(-1))
+    assert masked.top1_agreement == pytest.approx(agree)

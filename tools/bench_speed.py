@@ -210,8 +210,9 @@ def main() -> None:
                   "top1_agreement")
         bs = BATCH[name]
         unit = "tokens" if name == DECODER else "batch"
-        extra_head = {"efficientnet_lite0": "; top-1 on the labelled photos in brackets",
+        extra_head = {"efficientnet_lite0": "; top-1 on the labelled photos and the logits' cosine in brackets",
                       DECODER: "; logits cosine in brackets; 1 token and a 128-token prefill of one sequence"}
+        extra_head.setdefault(name, "; the logits' cosine to float's in brackets" if name != "minilm" else "")
         lines += [f"**{name}** (quality: {metric.replace('_', ' ')} vs float{extra_head.get(name, '')})", "",
                   f"| output | MB | quality | {unit} 1 ms | x float | {unit} {bs} ms | x float |",
                   "|---|---|---|---|---|---|---|"]
@@ -222,8 +223,8 @@ def main() -> None:
                 lines.append(f"| {k} | | {built[k]} | | | | |")
                 continue
             v = q[k][metric]
-            extra = (f" ({q[k]['top1_accuracy']:.2f})" if name == "efficientnet_lite0" else
-                     f" ({q[k]['cosine']:.4f})" if name == DECODER else "")
+            extra = (f" ({q[k]['top1_accuracy']:.2f}; {q[k]['cosine']:.4f})" if name == "efficientnet_lite0" else
+                     f" ({q[k]['cosine']:.4f})" if name != "minilm" else "")
             lines.append(f"| {k} | {sizes[k] / 1e6:.2f} | {v:.4f}{extra} | {1e3 * t[k][1]:.2f} | "
                          f"{t['float'][1] / t[k][1]:.2f} | {1e3 * t[k][bs]:.2f} | {t['float'][bs] / t[k][bs]:.2f} |")
         lines.append("")
