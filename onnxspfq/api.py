@@ -18,6 +18,7 @@ from onnxspfq.images import ImagePreprocess
 from onnxspfq.branches import taken_view, view_layers
 from onnxspfq.capture import Capture
 from onnxspfq import activations
+from onnxspfq import embeddings
 from onnxspfq.activations import ActScales
 from onnxspfq import mixed
 from onnxspfq import targets
@@ -149,6 +150,7 @@ class _Run:
     eval_batches: list[dict[str, np.ndarray]] | None = None  # held-out data for the final check (None: batches)
     token_mask: str | None = None  # the feed marking padding tokens (calib.token_mask_input), None: every row
     plan: targets.Plan | None = None  # each layer's quantization under --target (targets.plan)
+    tables: list[embeddings.Table] = dataclasses.field(default_factory=list)  # --embeddings int8
 
     def layer_config(self, config: CompressConfig, layer: Layer, bits: int | None = None) -> CompressConfig:
         """The run's settings for one layer: its target's plan, at `bits` when given (--avg-bits)."""
@@ -226,7 +228,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     if act is not None:
         activations.emit(compressed, act.scales, config.activations.dtype, act.unsigned, act.shared)
         if config.target != "tensorrt":  # TensorRT's documented form omits them (zero point 0)
-            emit_qdq.gemm_zero_points(compressed)
+            emit_qdq.explicit_zero_points(compressed)
         why = dict(float_inputs)
         inputs = {layer.name: layer.input for layer in run.layers}
 
@@ -238,13 +240,19 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             r.note = "; ".join(filter(None, [r.note, f"input {said(t)}" if t in act.scales
                                              else why.get(r.name, "input float"),
                                              o in act.scales and f"output {said(o)}"]))
+    tables = ""
+    if run.tables:
+        compressed, was, now = embeddings.emit(compressed, run.model, run.tables)
+        tables = (f"embeddings: {len(run.tables)} table(s) int8 with a scale per row ({was / 1e6:.1f} -> "
+                  f"{now / 1e6:.1f} MB; --embeddings float keeps them)")
     del floats, done
     before, after = emit_qdq.default_opset(run.model.proto), emit_qdq.default_opset(compressed)
     report = Report(model=str(model_path), output=output, config=dict(config.effective(), token_mask=run.token_mask or
                     "none"), layers=layer_reports, opset=(f"opset {before}" if before == after else
                     f"opset raised {before} -> {after}" + ("" if config.opset else " (what the stored weights "
                                                              "need; --opset pins it)")),
-                    skipped=run.skipped, size_before=model_file_bytes(str(model_path)), target=run.plan.changed)
+                    skipped=run.skipped, size_before=model_file_bytes(str(model_path)), target=run.plan.changed,
+                    embeddings=tables)
     # written into staging folders beside the targets (a scratch folder without -o), checked and evaluated from
     # the file, then moved in place together with the report: both or neither
     scratch = tempfile.mkdtemp(prefix="onnxspfq-") if output is None else None
@@ -317,7 +325,8 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
                             "nothing to do; see onnxspfq inspect for the layers, and the README's --target rules")
     _check_opset(config, model.proto, layers, plan)
     token_mask = token_mask_input(config.token_mask, model.proto, batches)
-    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan)
+    tables = embeddings.find(model.proto) if config.embeddings == "int8" else []
+    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan, tables)
 
 
 def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[Layer], plan: targets.Plan) -> None:

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from onnxspfq.config import (ACCURACY_LEVELS, ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, FORMATS, GRANULARITIES,
-                             METHODS, OPERATORS, PATHS, TARGETS, ActConfig, CompressConfig, QuantConfig)
+from onnxspfq.config import (ACCURACY_LEVELS, ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, EMBEDDINGS, FORMATS,
+                             GRANULARITIES, METHODS, OPERATORS, PATHS, TARGETS, ActConfig, CompressConfig, QuantConfig)
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -113,6 +113,9 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--opset", type=int, default=None, help="the output's default-domain opset (never below the "
                    "model's; refused when the stored weights need more: 4 / 3 bits and block scales 21, 2 / 1 bits 25, "
                    "8 bits 13) [the model's own, raised only as far as needed]")
+    c.add_argument("--embeddings", default=None, choices=EMBEDDINGS, help="embedding tables (a Gather on a "
+                   "constant table): int8 codes with a scale per row, or float [int8 when the weights are quantized, "
+                   "outside --target tensorrt]")
     c.add_argument("--token-mask", default=CompressConfig.token_mask, metavar="INPUT", help="the (batch, sequence) "
                    "model input whose zeros mark padding tokens, left out of the MatMul statistics; none: keep every "
                    "row [auto: attention_mask where the model has it]")
@@ -226,7 +229,7 @@ def _compress(a: argparse.Namespace) -> None:
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
                             max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset,
                             skip=skip, format=a.format, auto_C=a.auto_C, avg_bits=a.avg_bits, target=a.target,
-                            accuracy_level=a.accuracy_level)
+                            accuracy_level=a.accuracy_level, embeddings=a.embeddings)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,
                       image_preprocess=_image(a), compare_output=a.output, batch_axes=_axes(a.batch_axis),

@@ -195,6 +195,7 @@ class QuantConfig:
 
 ACT_CALIBRATIONS = ("minmax", "percentile")
 ACT_TYPES = ("uint8", "int8")
+EMBEDDINGS = ("int8", "float")  # --embeddings (embeddings.py)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,9 @@ class CompressConfig:
     activations: ActConfig | None = None
     # the output's default-domain opset; None: the model's own, raised only as far as the stored weights need
     opset: int | None = None
+    # embedding tables (embeddings.py): "int8" (per row) or "float"; None: int8 when the weights are quantized
+    # to qdq / nbits outside tensorrt (MiniLM-L6: 46.9 -> 11.8 MB of tables, RESULTS.md section 15), else float
+    embeddings: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -274,6 +278,11 @@ class CompressConfig:
                 self.activations, dtype="int8" if self.target == "tensorrt" else "uint8"))
         if self.format not in FORMATS:
             raise OnnxspfqError(f"unknown output format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.embeddings is None:
+            object.__setattr__(self, "embeddings", "int8" if self.format in ("qdq", "nbits") and self.quant.bits
+                               is not None and self.target != "tensorrt" else "float")
+        if self.embeddings not in EMBEDDINGS:
+            raise OnnxspfqError(f"unknown --embeddings {self.embeddings!r}: use one of {', '.join(EMBEDDINGS)}")
         if self.quant.bits is None and self.format in ("qdq", "nbits"):
             raise OnnxspfqError(f"--format {self.format} stores integer codes: give --bits, or use --format sparse / float to prune only")
         if self.samples is not None and self.samples < 1:

@@ -232,19 +232,15 @@ def _emit_qdq(model: onnx.ModelProto, groups: dict[str, tuple[Any, Any, int]]) -
     return model
 
 
-def gemm_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` (modified in place) with an explicit all-zero zero point on every weight DequantizeLinear that
-    feeds a Gemm and has none (the same codes and values): onnxruntime fuses DQ -> Gemm -> Q into QGemm only with
-    it (tests/test_targets.py reads the fused graph). Gemm only: DQ -> Conv -> Q becomes QLinearConv either way,
-    and with it DQ -> MatMul ran slower (the Qwen2 decoder's W8A8 token 0.41x float with, 1.45x without;
-    tools/bench_speed.py, RESULTS.md section 15). For W8A8 on onnxruntime."""
+def explicit_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (modified in place) with an explicit all-zero zero point on every weight DequantizeLinear that has
+    none (the same codes and values): onnxruntime fuses DQ -> Gemm -> Q into QGemm only with it (tests/test_targets.py
+    reads the fused graph). For W8A8 on onnxruntime (TensorRT's documented form omits them)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     taken = all_names(graph)
-    gemm_reads = {i for n in graph.node if n.op_type == "Gemm" for i in n.input}
     for n in graph.node:
-        if (n.op_type == "DequantizeLinear" and len(n.input) == 2 and n.input[0] in inits and n.input[1] in inits
-                and n.output[0] in gemm_reads):
+        if n.op_type == "DequantizeLinear" and len(n.input) == 2 and n.input[0] in inits and n.input[1] in inits:
             codes, scale = inits[n.input[0]], inits[n.input[1]]
             z_name = unique_name(f"{n.input[0]}_zero_point", taken)
             zeros = np.zeros(tuple(scale.dims), helper.tensor_dtype_to_np_dtype(codes.data_type))

@@ -52,6 +52,7 @@ class Report:
     time_s: float = 0.0
     opset: str = ""  # the output's default-domain opset, and whether it was raised from the input's
     target: str = ""  # what --target changed, in one line (targets.Plan.changed; "" when nothing)
+    embeddings: str = ""  # the embedding tables stored int8, in one line ("" when none)
     warnings: list[str] = field(default_factory=list)
     input_sha256: str | None = None
     output_sha256: str | None = None  # of the .onnx file (its external data, if any, is named in it)
@@ -98,6 +99,8 @@ class Report:
                     + (f"; {self.opset}" if self.opset else ""))
         if self.target:
             rows.append(self.target)
+        if self.embeddings:
+            rows.append(self.embeddings)
         if self.agreement is not None:
             a = self.agreement
             on = "held-out" if (self.agreement_data or "").startswith("held") else "calibration"

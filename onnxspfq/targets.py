@@ -57,6 +57,9 @@ def refusals(config) -> str | None:
         what = "com.microsoft.MatMulNBits is onnxruntime's own op" if config.format == "nbits" else \
             "TensorRT reads dense weights (it finds 2:4 itself at build time: trtexec --sparsity=enable)"
         return f"--target tensorrt cannot read --format {config.format}: {what}; use --format qdq, or float when pruning only"
+    if config.embeddings == "int8":
+        return ("--target tensorrt reads int8 weights only behind DequantizeLinear, not an int8 embedding table "
+                "read by Gather: drop --embeddings int8 (float is the default with this target)")
     if config.avg_bits is not None:
         return f"--target tensorrt runs INT4 weight-only or INT8 with int8 activations, not bits per layer: drop --avg-bits, use {fix}"
     if config.activations is not None:

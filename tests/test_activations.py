@@ -274,3 +274,26 @@ def test_pad_between_quantized_tensors_gets_no_pair_and_folds_into_the_conv():
         ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
         ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
         assert "Pad" not in ops, ops
+
+
+def test_activation_scales_leave_padding_tokens_out():
+    """With a token mask the scale comes from the real tokens only: padding positions (here 1000x larger) would
+    otherwise set a minmax scale and starve every real value of resolution."""
+    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", TP.FLOAT, ["b", "s", 6]),
+                      h.make_tensor_value_info("attention_mask", TP.INT64, ["b", "s"])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, ["b", "s", 4])], [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    layers, _ = find_layers(m)
+    x = RNG.standard_normal((3, 5, 6)).astype(np.float32)
+    mask = np.ones((3, 5), np.int64)
+    mask[:, 3:] = 0
+    x[:, 3:] *= 1000.0
+    batch = [{"x": x, "attention_mask": mask}]
+    for token_mask, want in (("attention_mask", np.abs(x[:, :3]).max()), (None, np.abs(x).max())):
+        act = ActScales(ActConfig("minmax"), {"x"})
+        with Capture(m, layers, batch, act=act, token_mask=token_mask) as cap:
+            cap.grams(layers[0], {})
+        assert act.scales["x"] == pytest.approx(want / QMAX, rel=1e-6)

@@ -199,6 +199,7 @@ def run_one(spec: dict) -> dict:
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
                                     avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
                                     token_mask=spec.get("token_mask", CompressConfig.token_mask),
+                                    embeddings=spec.get("embeddings"),
                                     activations=ActConfig(**spec["activations"]) if spec.get("activations") is not None else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,

@@ -1,0 +1,98 @@
+"""embeddings.py (--embeddings int8): the row quantization, which Gathers are tables, the rewritten graph computing
+exactly the de-quantized rows in onnxruntime, and the default on the real MiniLM-L6."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxspfq.embeddings import MIN_ELEMENTS, dequantize, emit, find, quantize
+from onnxspfq.io import Model
+
+RNG = np.random.default_rng(11)
+MINILM = Path.home() / ".cache" / "onnxspfq" / "models" / "minilm"
+
+
+def test_row_quantization_is_nearest_within_half_a_step():
+    w = RNG.standard_normal((300, 64)).astype(np.float32) * RNG.uniform(0.01, 10, (300, 1)).astype(np.float32)
+    w[7] = 0.0
+    codes, scale = quantize(w)
+    assert codes.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (300,)
+    assert scale[7] == 1.0 and not codes[7].any()
+    assert np.all(np.abs(codes[np.arange(300) != 7]).max(axis=1) == 127)  # each row's largest entry on the grid's end
+    err = np.abs(dequantize(codes, scale) - w)
+    assert np.all(err <= scale[:, None] / 2 * (1 + 1e-6))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize(np.full((2, 2), np.inf, np.float32))
+
+
+def _model(rows: int = 1000, dim: int = 96, tied: bool = False, axis: int = 0) -> onnx.ModelProto:
+    table = RNG.standard_normal((rows, dim)).astype(np.float32)
+    nodes = [h.make_node("Gather", ["table", "ids"], ["e"], axis=axis, name="embed"),
+             h.make_node("Add", ["e", "bias"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", TP.FLOAT, ["b", "s", dim])]
+    if tied:  # an lm_head reading the same table
+        nodes.append(h.make_node("MatMul", ["e", "table_t"], ["logits"]))
+        nodes.append(h.make_node("Transpose", ["table"], ["table_t"]))
+        nodes[-2], nodes[-1] = nodes[-1], nodes[-2]
+        outputs.append(h.make_tensor_value_info("logits", TP.FLOAT, ["b", "s", rows]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("ids", TP.INT64, ["b", "s"])], outputs,
+                     [nh.from_array(table, "table"), nh.from_array(np.full(dim if axis == 0 else rows, 0.5, np.float32), "bias")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_find_takes_only_untied_2d_float_tables_along_axis_0():
+    assert [t.table for t in find(_model())] == ["table"]
+    assert find(_model(tied=True)) == []          # the lm_head owns a tied table
+    assert find(_model(axis=1)) == []
+    assert find(_model(rows=MIN_ELEMENTS // 96 - 1)) == []  # too small to be worth it
+
+
+def test_emitted_gather_computes_the_dequantized_rows_exactly():
+    m = _model()
+    table = nh.to_array(m.graph.initializer[0])
+    q, before, after = emit(onnx.ModelProto.FromString(m.SerializeToString()), Model(proto=m), find(m))
+    onnx.checker.check_model(q)
+    assert before == table.nbytes and after == table.size + 4 * table.shape[0]
+    inits = {t.name: t for t in q.graph.initializer}
+    gathers = [n for n in q.graph.node if n.op_type == "Gather"]
+    assert {inits[n.input[0]].data_type for n in gathers} == {TP.INT8, TP.FLOAT}  # codes, row scales
+    assert "table" not in inits and all(n.op_type != "DequantizeLinear" for n in q.graph.node)
+    ids = RNG.integers(0, table.shape[0], (3, 17))
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    codes, scale = quantize(table)
+    np.testing.assert_array_equal(got, dequantize(codes, scale)[ids] + np.float32(0.5))
+
+
+@pytest.mark.skipif(not (MINILM / "minilm_l6_v2.onnx").exists(),
+                    reason="MiniLM not built here: run models/minilm.py (see models/README.md)")
+def test_minilm_tables_int8_by_default(tmp_path):
+    """The default run stores MiniLM-L6's word and position tables as int8 (the 2 x 384 token types stay), the
+    file shrinks by about their 3 / 4, and the sentence embedding moves by little against the same run with
+    --embeddings float."""
+    from onnxspfq.api import compress
+    from onnxspfq.config import CompressConfig
+
+    model = MINILM / "minilm_l6_v2.onnx"
+    paths = {e: tmp_path / f"{e}.onnx" for e in ("int8", "float")}
+    reports = {e: compress(str(model), None, str(p), CompressConfig(method="rtn", embeddings=None if e == "int8"
+                                                                    else "float"), progress=False).report
+               for e, p in paths.items()}
+    assert reports["int8"].embeddings.startswith("embeddings: 2 table(s) int8") and reports["float"].embeddings == ""
+    assert reports["float"].size_after - reports["int8"].size_after > 0.74 * 4 * (30522 + 512) * 384 * 0.99
+    with np.load(MINILM / "minilm_eval.npz") as z:
+        feeds = {k: z[k][:32] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    outs = {}
+    for e, p in paths.items():
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        outs[e] = s.run(["sentence_embedding"], {i.name: feeds[i.name] for i in s.get_inputs()})[0]
+    cos = np.sum(outs["int8"] * outs["float"], 1) / (np.linalg.norm(outs["int8"], axis=1) * np.linalg.norm(outs["float"], axis=1))
+    assert cos.min() > 0.99
