@@ -123,6 +123,11 @@ def plan(config, layers: list) -> Plan:
     q, t = config.quant, config.target
     out = Plan({layer.name: LayerPlan(q, None) for layer in layers})
     if t == "generic":
+        convs = sum(layer.op == "Conv" for layer in layers)
+        if config.activations is not None and convs:
+            out.changed = (f"generic W8A8 quantizes layer inputs only: onnxruntime CPU runs the {convs} Conv(s) in "
+                           "int8 only where a quantized input follows one directly; --target ort-cpu quantizes every "
+                           "Conv output (QLinearConv)")
         return out
     if t == "ort-cpu":
         mm = sum(layer.op in MATMUL_OPS for layer in layers)

@@ -150,7 +150,9 @@ def test_ort_cpu_w8a8_conv_and_gemm_outputs_fuse(fmnist_cnn, fmnist_calib_small,
     for path, target in ((out, "ort-cpu"), (generic, "generic")):
         assert main(["compress", str(fmnist_cnn), "--calib", str(fmnist_calib_small), "-o", str(path), "-q",
                      "--target", target, "--activations", "int8"]) == 0
-    assert "3 Conv / Gemm outputs quantized too" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "3 Conv / Gemm outputs quantized too" in said
+    assert "generic W8A8 quantizes layer inputs only" in said and "--target ort-cpu quantizes every Conv" in said
     proto = onnx.load(str(out))
     layers = {n.output[0] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
     relus = {n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.input[0] in layers}
