@@ -326,6 +326,7 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
     _check_opset(config, model.proto, layers, plan)
     token_mask = token_mask_input(config.token_mask, model.proto, batches)
     tables = embeddings.find(model.proto) if config.embeddings == "int8" else []
+    embeddings.check(model, tables)
     return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan, tables)
 
 

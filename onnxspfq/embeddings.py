@@ -7,7 +7,8 @@ symmetric scale per row, read by a Gather on the codes, a Cast and a Mul by the 
 Standard ops only (any runtime), and no whole-table DequantizeLinear per run (onnxruntime would de-quantize all
 rows on every call; the Gather reads only the rows asked for). A row is looked up, not multiplied with data, so
 there is nothing to fit: nearest rounding, at most half a step (max|row| / 254) per entry. A table that any other
-node reads too (a decoder's lm_head tied to its embedding) is left to the layer that owns it.
+node reads too (a decoder's lm_head tied to its embedding) is left to the layer that owns it; a table several
+Gathers read (an encoder-decoder's shared embedding) is stored once.
 """
 from __future__ import annotations
 
@@ -25,36 +26,46 @@ QMAX = 127
 
 @dataclass(frozen=True)
 class Table:
-    """One quantizable embedding: the Gather's output tensor (unique, unlike node names), its table initializer
-    and the table's shape."""
+    """One quantizable embedding table: its initializer, its shape, and the output tensors of the Gathers that
+    read it (outputs are unique, unlike node names; an encoder-decoder's shared table has two)."""
 
-    output: str
     table: str
     shape: tuple[int, int]
+    outputs: tuple[str, ...]
 
 
 def find(model: onnx.ModelProto) -> list[Table]:
-    """The main graph's Gathers along axis 0 on a 2-D float32 initializer of >= MIN_ELEMENTS that nothing else
-    reads."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    readers: dict[str, int] = {}
+    """The 2-D float32 initializers of >= MIN_ELEMENTS that only main-graph Gathers along axis 0 read."""
     from onnxspfq.graph import walk_nodes
 
-    for _, _, n in walk_nodes(g):
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list[tuple[str, onnx.NodeProto]]] = {}  # (where: "" in the main graph, node)
+    for where, _, n in walk_nodes(g):
         for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+            if i in inits:
+                readers.setdefault(i, []).append((where, n))
     outputs = {o.name for o in g.output}
     out = []
-    for n in g.node:
-        if n.op_type != "Gather" or n.input[0] not in inits or readers.get(n.input[0]) != 1:
+    for name, nodes in readers.items():
+        t = inits[name]
+        if (t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or name in outputs
+                or int(t.dims[0]) * int(t.dims[1]) < MIN_ELEMENTS):
             continue
-        t = inits[n.input[0]]
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-        if (t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and axis == 0 and t.name not in outputs
-                and int(t.dims[0]) * int(t.dims[1]) >= MIN_ELEMENTS):
-            out.append(Table(n.output[0], t.name, (int(t.dims[0]), int(t.dims[1]))))
+        if all(n.op_type == "Gather" and where == "" and n.input[0] == name and n.input[1] != name
+               and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0 for where, n in nodes):
+            out.append(Table(name, (int(t.dims[0]), int(t.dims[1])), tuple(n.output[0] for _, n in nodes)))
     return out
+
+
+def check(source: Model, tables: list[Table]) -> None:
+    """Refuse, before any work, a table holding NaN or Inf (it has no int8 form)."""
+    from onnxspfq.errors import OnnxspfqError
+
+    for tab in tables:
+        if not np.all(np.isfinite(source.array(tab.table))):
+            raise OnnxspfqError(f"embedding table {tab.table!r} holds NaN or Inf, which int8 cannot store: fix the "
+                                "model, or keep the tables float with --embeddings float")
 
 
 def quantize(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,28 +99,33 @@ def emit(model: onnx.ModelProto, source: Model, tables: list[Table]) -> tuple[on
     opset = default_opset(model)
     after_node: dict[str, list[onnx.NodeProto]] = {}
     for tab in tables:
-        gather = gathers[tab.output]
-        base = gather.name or tab.output
         codes, scale = quantize(source.array(tab.table))
         before += codes.size * 4
         after += codes.nbytes + scale.nbytes
         c_name, s_name = unique_name(f"{tab.table}_int8", taken), unique_name(f"{tab.table}_row_scale", taken)
         g.initializer[index[tab.table]].CopyFrom(numpy_helper.from_array(codes, c_name))
         g.initializer.append(numpy_helper.from_array(scale, s_name))
-        ids, out = gather.input[1], gather.output[0]
-        got, rows, cast, scl = (unique_name(f"{out}_{s}", taken) for s in ("codes", "scales", "float", "scale"))
-        gather.input[0], gather.output[0] = c_name, got
-        new = [helper.make_node("Gather", [s_name, ids], [rows], name=unique_name(f"{base}_scales", taken)),
-               helper.make_node("Cast", [got], [cast], to=TensorProto.FLOAT, name=unique_name(f"{base}_cast", taken))]
-        if opset >= 13:
-            axes = unique_name(f"{out}_axes", taken)
-            g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
-            new.append(helper.make_node("Unsqueeze", [rows, axes], [scl], name=unique_name(f"{base}_unsqueeze", taken)))
-        else:
-            new.append(helper.make_node("Unsqueeze", [rows], [scl], axes=[-1],
-                                        name=unique_name(f"{base}_unsqueeze", taken)))
-        new.append(helper.make_node("Mul", [cast, scl], [out], name=unique_name(f"{base}_mul", taken)))
-        after_node[got] = new  # by the Gather's new output: names, not message objects, are stable
+        if any(i.name == tab.table for i in g.input):  # an initializer listed as an input (IR < 4): no longer one
+            kept = [i for i in g.input if i.name != tab.table]
+            del g.input[:]
+            g.input.extend(kept)
+        for output in tab.outputs:
+            gather = gathers[output]
+            base = gather.name or output
+            ids = gather.input[1]
+            got, rows, cast, scl = (unique_name(f"{output}_{s}", taken) for s in ("codes", "scales", "float", "scale"))
+            gather.input[0], gather.output[0] = c_name, got
+            new = [helper.make_node("Gather", [s_name, ids], [rows], name=unique_name(f"{base}_scales", taken)),
+                   helper.make_node("Cast", [got], [cast], to=TensorProto.FLOAT, name=unique_name(f"{base}_cast", taken))]
+            if opset >= 13:
+                axes = unique_name(f"{output}_axes", taken)
+                g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+                new.append(helper.make_node("Unsqueeze", [rows, axes], [scl], name=unique_name(f"{base}_unsqueeze", taken)))
+            else:
+                new.append(helper.make_node("Unsqueeze", [rows], [scl], axes=[-1],
+                                            name=unique_name(f"{base}_unsqueeze", taken)))
+            new.append(helper.make_node("Mul", [cast, scl], [output], name=unique_name(f"{base}_mul", taken)))
+            after_node[got] = new  # by the Gather's new output: names, not message objects, are stable
     rebuilt = []
     for n in g.node:  # each table's new nodes right after its Gather: the list stays sorted
         rebuilt += [n] + after_node.get(n.output[0] if n.output else "", [])

@@ -56,6 +56,45 @@ def test_find_takes_only_untied_2d_float_tables_along_axis_0():
     assert find(_model(rows=MIN_ELEMENTS // 96 - 1)) == []  # too small to be worth it
 
 
+def test_a_shared_table_is_stored_once_for_every_gather(tmp_path):
+    """An encoder-decoder's shared embedding: two Gathers read one table; one int8 copy serves both, exactly."""
+    m = _model()
+    m.graph.node.append(h.make_node("Gather", ["table", "ids2"], ["e2"], name="embed2"))
+    m.graph.input.append(h.make_tensor_value_info("ids2", TP.INT64, ["n"]))
+    m.graph.output.append(h.make_tensor_value_info("e2", TP.FLOAT, ["n", 96]))
+    tables = find(m)
+    assert len(tables) == 1 and len(tables[0].outputs) == 2
+    table = nh.to_array(m.graph.initializer[0])
+    q, _, after = emit(onnx.ModelProto.FromString(m.SerializeToString()), Model(proto=m), tables)
+    onnx.checker.check_model(q)
+    assert sum(t.data_type == TP.INT8 for t in q.graph.initializer) == 1 and after == table.size + 4 * len(table)
+    ids, ids2 = RNG.integers(0, len(table), (2, 5)), RNG.integers(0, len(table), (7,))
+    y, e2 = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids, "ids2": ids2})
+    rows = dequantize(*quantize(table))
+    np.testing.assert_array_equal(e2, rows[ids2])
+    np.testing.assert_array_equal(y, rows[ids] + np.float32(0.5))
+
+
+def test_a_table_with_nan_is_refused_before_any_work(tmp_path, capsys):
+    from onnxspfq.cli import main
+
+    m = _model()
+    bad = nh.to_array(m.graph.initializer[0]).copy()
+    bad[3, 4] = np.nan
+    m.graph.initializer[0].CopyFrom(nh.from_array(bad, "table"))
+    m.graph.initializer.append(nh.from_array(RNG.standard_normal((96, 8)).astype(np.float32), "w2"))
+    m.graph.node.append(h.make_node("MatMul", ["y", "w2"], ["z"]))  # a layer to compress
+    m.graph.output.append(h.make_tensor_value_info("z", TP.FLOAT, ["b", "s", 8]))
+    path = tmp_path / "nan.onnx"
+    onnx.save(m, str(path))
+    assert main(["compress", str(path), "--method", "rtn", "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "embedding table 'table' holds NaN or Inf" in err and "--embeddings float" in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["compress", str(path), "--method", "rtn", "--embeddings", "float", "-o", str(tmp_path / "out.onnx")]) == 0
+
+
 def test_emitted_gather_computes_the_dequantized_rows_exactly():
     m = _model()
     table = nh.to_array(m.graph.initializer[0])
