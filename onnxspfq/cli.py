@@ -269,6 +269,7 @@ def _inspect(a: argparse.Namespace) -> None:
     from onnxspfq.branches import taken_view, view_layers
     from onnxspfq.graph import load_model, walk_nodes
     from onnxspfq.fold import fold_weight_chains
+    from onnxspfq import embeddings
 
     model = load_model(a.model)
     proto = model.proto
@@ -291,6 +292,9 @@ def _inspect(a: argparse.Namespace) -> None:
     for s in skipped + inner:
         print(f"{s['name']:<40} {s['op']:<6} left alone: {s['reason']}")
     print(f"{len(layers)} compressible layer(s), {len(skipped) + len(inner)} left alone")
+    for tab in embeddings.find(folded.proto):
+        print(f"embedding table {tab.table} {tab.shape[0]}x{tab.shape[1]}: int8 per row when the weights are "
+              "quantized (--embeddings)")
 
 
 def _io_values(proto, values) -> list[tuple[str, str, list[str]]]:

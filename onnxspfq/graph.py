@@ -261,7 +261,7 @@ def find_layers(model: Model | onnx.ModelProto, skip: tuple[str, ...] | list[str
     if other:
         skipped.append({"name": "*", "op": "other",
                         "reason": f"{other} node(s) of other op types read initializers; only MatMul / Gemm / Conv "
-                                  "weights are compressed"})
+                                  "weights are compressed as layers (embedding tables: --embeddings)"})
     return layers, skipped
 
 

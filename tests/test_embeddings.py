@@ -135,3 +135,13 @@ def test_minilm_tables_int8_by_default(tmp_path):
         outs[e] = s.run(["sentence_embedding"], {i.name: feeds[i.name] for i in s.get_inputs()})[0]
     cos = np.sum(outs["int8"] * outs["float"], 1) / (np.linalg.norm(outs["int8"], axis=1) * np.linalg.norm(outs["float"], axis=1))
     assert cos.min() > 0.99
+
+
+def test_inspect_lists_the_tables(tmp_path, capsys):
+    from onnxspfq.cli import main
+
+    m = _model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "embedding table table 1000x96: int8 per row" in capsys.readouterr().out
