@@ -1,6 +1,7 @@
-"""Embedding tables (--embeddings int8): a Gather that looks rows up in a constant float table along axis 0 (a
-transformer's token and position embeddings; MiniLM-L6's are half of its weights) stored as int8 codes with one
-symmetric scale per row, read by a Gather on the codes, a Cast and a Mul by the gathered row scales:
+"""Embedding tables (--embeddings int8): a Gather that looks rows up in a constant float32 / float16 table along
+axis 0 (a transformer's token and position embeddings; MiniLM-L6's are half of its weights) stored as int8 codes
+with one symmetric float32 scale per row, read by a Gather on the codes, a Cast and a Mul by the gathered row
+scales (then a Cast back for a float16 table):
 
     Gather(table, ids)  ->  Mul(Cast(Gather(codes, ids), float), Unsqueeze(Gather(scales, ids), -1))
 
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxspfq.io import Model
 
+TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)  # a float16 table: the rows are computed in float32, then cast
 MIN_ELEMENTS = 1 << 16  # smaller tables (MiniLM-L6's 2 x 384 token types) are not worth three nodes
 QMAX = 127
 
@@ -32,10 +34,11 @@ class Table:
     table: str
     shape: tuple[int, int]
     outputs: tuple[str, ...]
+    dtype: int = TensorProto.FLOAT  # the table's ONNX element type
 
 
 def find(model: onnx.ModelProto) -> list[Table]:
-    """The 2-D float32 initializers of >= MIN_ELEMENTS that only main-graph Gathers along axis 0 read."""
+    """The 2-D float32 / float16 initializers of >= MIN_ELEMENTS that only main-graph Gathers along axis 0 read."""
     from onnxspfq.graph import walk_nodes
 
     g = model.graph
@@ -49,12 +52,13 @@ def find(model: onnx.ModelProto) -> list[Table]:
     out = []
     for name, nodes in readers.items():
         t = inits[name]
-        if (t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or name in outputs
+        if (t.data_type not in TYPES or len(t.dims) != 2 or name in outputs
                 or int(t.dims[0]) * int(t.dims[1]) < MIN_ELEMENTS):
             continue
         if all(n.op_type == "Gather" and where == "" and n.input[0] == name and n.input[1] != name
                and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0 for where, n in nodes):
-            out.append(Table(name, (int(t.dims[0]), int(t.dims[1])), tuple(n.output[0] for _, n in nodes)))
+            out.append(Table(name, (int(t.dims[0]), int(t.dims[1])), tuple(n.output[0] for _, n in nodes),
+                             int(t.data_type)))
     return out
 
 
@@ -80,9 +84,9 @@ def quantize(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
-def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """What the emitted nodes compute for every row: float32(code) * scale."""
-    return codes.astype(np.float32) * scale[:, None]
+def dequantize(codes: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """What the emitted nodes compute for every row: float32(code) * scale, in the table's type."""
+    return (codes.astype(np.float32) * scale[:, None]).astype(dtype)
 
 
 def emit(model: onnx.ModelProto, source: Model, tables: list[Table]) -> tuple[onnx.ModelProto, int, int]:
@@ -100,7 +104,7 @@ def emit(model: onnx.ModelProto, source: Model, tables: list[Table]) -> tuple[on
     after_node: dict[str, list[onnx.NodeProto]] = {}
     for tab in tables:
         codes, scale = quantize(source.array(tab.table))
-        before += codes.size * 4
+        before += codes.size * (2 if tab.dtype == TensorProto.FLOAT16 else 4)
         after += codes.nbytes + scale.nbytes
         c_name, s_name = unique_name(f"{tab.table}_int8", taken), unique_name(f"{tab.table}_row_scale", taken)
         g.initializer[index[tab.table]].CopyFrom(numpy_helper.from_array(codes, c_name))
@@ -124,7 +128,12 @@ def emit(model: onnx.ModelProto, source: Model, tables: list[Table]) -> tuple[on
             else:
                 new.append(helper.make_node("Unsqueeze", [rows], [scl], axes=[-1],
                                             name=unique_name(f"{base}_unsqueeze", taken)))
-            new.append(helper.make_node("Mul", [cast, scl], [output], name=unique_name(f"{base}_mul", taken)))
+            wtype = tab.dtype
+            product = output if wtype == TensorProto.FLOAT else unique_name(f"{output}_float", taken)
+            new.append(helper.make_node("Mul", [cast, scl], [product], name=unique_name(f"{base}_mul", taken)))
+            if product != output:  # a float16 table: its readers get float16 rows, as before
+                new.append(helper.make_node("Cast", [product], [output], to=wtype,
+                                            name=unique_name(f"{base}_cast_back", taken)))
             after_node[got] = new  # by the Gather's new output: names, not message objects, are stable
     rebuilt = []
     for n in g.node:  # each table's new nodes right after its Gather: the list stays sorted

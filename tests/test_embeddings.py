@@ -145,3 +145,22 @@ def test_inspect_lists_the_tables(tmp_path, capsys):
     onnx.save(m, str(path))
     assert main(["inspect", str(path)]) == 0
     assert "embedding table table 1000x96: int8 per row" in capsys.readouterr().out
+
+
+def test_a_float16_table_gives_float16_rows_exactly():
+    """A float16 table: rows computed in float32 (int8 code x float32 row scale), then cast to float16."""
+    m = _model()
+    table = nh.to_array(m.graph.initializer[0]).astype(np.float16)
+    m.graph.initializer[0].CopyFrom(nh.from_array(table, "table"))
+    m.graph.initializer[1].CopyFrom(nh.from_array(np.full(96, 0.5, np.float16), "bias"))
+    m.graph.output[0].type.tensor_type.elem_type = TP.FLOAT16
+    m.graph.output.append(h.make_tensor_value_info("e", TP.FLOAT16, ["b", "s", 96]))  # the rows themselves
+    tables = find(m)
+    assert [t.dtype for t in tables] == [TP.FLOAT16]
+    q, before, _ = emit(onnx.ModelProto.FromString(m.SerializeToString()), Model(proto=m), tables)
+    onnx.checker.check_model(q)
+    assert before == table.nbytes
+    ids = RNG.integers(0, len(table), (2, 9))
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], {"ids": ids})[0]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, dequantize(*quantize(table), np.float16)[ids])
