@@ -106,17 +106,7 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
 
 def upstream(graph: onnx.GraphProto, names: list[str]) -> set[str]:
     """`names` and every tensor they are computed from (sub-graph reads included)."""
-    producer = {o: n for n in graph.node for o in n.output if o}
-    seen: set[str] = set()
-    stack = list(names)
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in producer:
-            stack += node_reads(producer[t])
-    return seen
+    return set(names) | {t for i in needed_nodes(graph, names, set()) for t in node_reads(graph.node[i])}
 
 
 def needed_nodes(graph: onnx.GraphProto, outputs: list[str], stop: set[str]) -> list[int]:

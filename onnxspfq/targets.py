@@ -102,17 +102,17 @@ def output_tensors(config, graph, layers: list) -> dict[str, str]:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
+    own = {layer.name: layer.output for layer in layers if layer.op in ("Conv", "Gemm")}
+    after = {name: readers.get(t, []) for name, t in own.items()}
+    folds = {name: a[0].output[0] for name, a in after.items()
+             if len(a) == 1 and a[0].op_type in ("Relu", "Clip") and own[name] not in outputs}
+    # folded only into an unsigned Q (its range must lie inside the Clip's)
+    unsigned = layout(graph, set(folds.values()), config.activations.dtype)[0]
     out = {}
-    for layer in layers:
-        if layer.op not in ("Conv", "Gemm"):
-            continue
-        t, after = layer.output, readers.get(layer.output, [])
-        if len(after) == 1 and after[0].op_type in ("Relu", "Clip") and t not in outputs:
-            folded = after[0].output[0]  # folded only into an unsigned Q (its range must lie inside the Clip's)
-            if folded in layout(graph, {folded}, config.activations.dtype)[0]:
-                t = folded
+    for name, t in own.items():
+        t = folds[name] if folds.get(name) in unsigned else t
         if readers.get(t):  # a tensor only the graph outputs read keeps its float values
-            out[layer.name] = t
+            out[name] = t
     return out
 
 
