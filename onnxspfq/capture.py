@@ -71,9 +71,9 @@ class Capture:
     """Per-layer Grams from the float model and the partially compressed model (see the module docstring).
 
     model: the (folded) model the layers were found in; layers: in the order grams() will be called;
-    batches: calibration feeds; max_patches: Conv im2col rows kept per batch (random subset, same rows in X and
-    X~, seeded by (seed, layer index, batch index)); None keeps all. token_mask: a feed name whose (batch,
-    sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at those positions are left
+    batches: calibration feeds; max_patches: Conv im2col rows kept per layer over all batches (a seeded uniform
+    subset, the same rows in X and X~, seeded by (seed, layer index); _patch_picks); None keeps all. token_mask: a
+    feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at those positions are left
     out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
     act.tensors is fake-quantized in the compressed model (activations.py), where downstream nodes read it too.
     """
@@ -316,23 +316,37 @@ class Capture:
                 Grams.add_groups(out, X, Xt)
                 pending.clear()
 
-        for b, (hf, hc) in enumerate(held):
-            rows = self._rows(k, b, layer, hf.get())
-            pending.append((rows, rows if hc is hf else self._rows(k, b, layer, hc.get())))
+        for b, ((hf, hc), pick) in enumerate(zip(held, self._patch_picks(k, layer, held))):
+            if pick is not None and pick.size == 0:
+                continue
+            rows = self._rows(b, layer, hf.get(), pick)
+            pending.append((rows, rows if hc is hf else self._rows(b, layer, hc.get(), pick)))
             if sum(p[0].size for p in pending) >= FLUSH_VALUES:
                 flush()
         flush()
         return out
 
-    def _rows(self, k: int, b: int, layer: Layer, x: np.ndarray) -> np.ndarray:
-        """The layer's input rows for one batch (layers.py); convolution patches beyond max_patches are a seeded
-        random subset, the same rows in X and X~; MatMul rows of padding tokens are dropped (token_mask)."""
-        def pick(total: int) -> np.ndarray | None:
-            if self.max_patches is None or total <= self.max_patches:
-                return None
-            return np.sort(np.random.default_rng([self.seed, k, b]).choice(total, self.max_patches, replace=False))
+    def _patch_picks(self, k: int, layer: Layer, held: list[tuple[Held, Held]]) -> list[np.ndarray | None]:
+        """Per batch, the convolution patches kept (None: all): at most max_patches per LAYER, a seeded uniform
+        subset of all its patches over every batch, the same rows in X and X~. Patches are numbered sample-major
+        across the batches, so the subset does not depend on the batch size (a per-batch cap fed the CLI's batch
+        16 3.3x the rows of batch 50 for the same data)."""
+        none = [None] * len(held)
+        if self.max_patches is None or layer.op in MATMUL_OPS:
+            return none
+        totals = np.array([layer.row_count(hf.get().shape) for hf, _ in held], dtype=np.int64)
+        if totals.sum() <= self.max_patches:
+            return none
+        keep = np.sort(np.random.default_rng([self.seed, k]).choice(int(totals.sum()), self.max_patches,
+                                                                     replace=False))
+        starts = np.concatenate([[0], np.cumsum(totals)])
+        cut = np.searchsorted(keep, starts)
+        return [keep[cut[b]:cut[b + 1]] - starts[b] for b in range(len(held))]
 
-        rows = layer.rows(x, pick)
+    def _rows(self, b: int, layer: Layer, x: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
+        """The layer's input rows for one batch (layers.py): only the `pick`ed convolution patches (_patch_picks);
+        MatMul rows of padding tokens are dropped (token_mask)."""
+        rows = layer.rows(x, lambda total: pick)
         mask = self.batches[b].get(self.token_mask) if self.token_mask and layer.op == "MatMul" else None
         if mask is None or layer.stacked or x.ndim != 3 or tuple(x.shape[:2]) != tuple(np.shape(mask)):
             return rows

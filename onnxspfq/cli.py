@@ -7,7 +7,8 @@ import os
 import sys
 
 from onnxspfq.config import (ACCURACY_LEVELS, ACT_CALIBRATIONS, ACT_TYPES, ALIGN_RIDGE, BITS, EMBEDDINGS, FORMATS,
-                             GRANULARITIES, METHODS, OPERATORS, PATHS, TARGETS, ActConfig, CompressConfig, QuantConfig)
+                             GRANULARITIES, METHODS, OPERATORS, PATHS, SCREEN, TARGETS, ActConfig, CompressConfig,
+                             QuantConfig)
 from onnxspfq import __version__
 from onnxspfq.errors import OnnxspfqError
 
@@ -79,6 +80,8 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "to the exact least-squares optimum for its codes (helps at 1-2 bits; not for rtn)")
     c.add_argument("--draws", type=int, default=None, help="stochastic T: keep per channel the best of this many "
                    "draws by the exact reconstruction error (default 8 at 1-2 bits without pruning, else 1)")
+    c.add_argument("--screen", type=int, default=None, help="candidate steps each channel runs the path following "
+                   f"with, the best by plain rounding's OPTQ loss; 0 = every candidate [{SCREEN} at 3-8 bits, 0 at 1-2]")
     c.add_argument("--align-ridge", type=float, default=None, help="spfq's projected path quantizes the weights "
                    "aligned to the compressed model's inputs, ridge-regularised toward W: 0 = perfect alignment, inf = W "
                    f"itself (OPTQ) [{ALIGN_RIDGE}; inf with --activations int8]")
@@ -222,6 +225,7 @@ def _compress(a: argparse.Namespace) -> None:
     given = {"c_alpha": a.c_alpha, "C": a.C, "operator": a.operator, "path": a.path, "align_ridge": a.align_ridge,
              "granularity": a.granularity,
              "block_size": a.block_size, "order": a.order, "damp": a.damp, "draws": a.draws,
+             "screen": a.screen,
              "perfect_alignment": a.perfect_alignment or None, "refit_scale": a.refit_scale or None,
              "act_order": a.act_order}
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})

@@ -16,6 +16,7 @@ from onnxspfq.targets import TARGETS
 ALIGN_RIDGE = 1.0
 ALIGN_RIDGE_W8A8 = math.inf
 
+SCREEN = 2  # QuantConfig.screen's default at 3-8 bits (measured next to the field)
 BITS = (8, 4, 3, 2, 1)
 METHODS = ("spfq", "gpfq", "gptq", "rtn")
 OPERATORS = ("stochastic", "nearest")
@@ -71,6 +72,9 @@ class QuantConfig:
         along the stored axis). None (default): on for spfq's projected and best paths where allowed (measured
         better on MiniLM-L6, even on Fashion-MNIST: docs/RESULTS.md section 11), off for the baselines and the
         plain path.
+    screen: how many candidate steps (c_alpha) each output channel runs the path following with, after ranking
+        every candidate by the OPTQ loss of plain rounding onto its grid (search.py); 0 runs every candidate.
+        None (default): SCREEN at 3-8 bits, 0 at 1-2 bits (see the field's comment).
     bits None means prune only (weights stay float); then sparsity or nm must be set.
     """
 
@@ -98,6 +102,11 @@ class QuantConfig:
     refit_scale: bool = False
     draws: int | None = None
     act_order: bool | None = None
+    # None: 2 at 3-8 bits, every candidate at 1-2 bits. The ranking (the projected path's OPTQ loss with the error
+    # feedback left out) put the per-channel best among its top 2 for all but 0.24 / 0.17 % of MiniLM-L6's 4 / 3-bit
+    # error and 1.5 / 3.9 % of the Fashion-MNIST CNN's; at 2 bits the CNN lost 20 %: the path corrects what rounding
+    # alone misjudges (docs/RESULTS.md section 16)
+    screen: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -133,6 +142,8 @@ class QuantConfig:
                 raise OnnxspfqError(f"N:M pattern {n}:{m} is invalid: need 1 <= N < M <= 16, e.g. 2:4")
             if self.sparsity:
                 raise OnnxspfqError("give either an unstructured sparsity or an N:M pattern, not both")
+        if self.screen is not None and not 0 <= self.screen <= 64:
+            raise OnnxspfqError(f"screen must be in 0..64 (0: every candidate), got {self.screen}: e.g. --screen 2")
         if self.draws is not None and not 1 <= self.draws <= 256:
             raise OnnxspfqError(f"draws must be in 1..256, got {self.draws}: e.g. --draws 8")
         if self.draws is not None and self.draws > 1 and (self.sparsity or self.nm):
@@ -186,6 +197,13 @@ class QuantConfig:
         return 8 if self.bits in (1, 2) and not (self.sparsity or self.nm) else 1
 
     @property
+    def n_screen(self) -> int:
+        """How many candidate steps each channel runs after the ranking (0: all; see `screen`)."""
+        if self.screen is not None:
+            return self.screen
+        return 0 if self.bits in (1, 2) else SCREEN
+
+    @property
     def levels(self) -> int:
         """K: the largest integer code; codes live in {-K..K} (b >= 2) or {-1, +1} (b = 1)."""
         if self.bits is None:
@@ -233,7 +251,11 @@ class CompressConfig:
     seed: int = 0
     samples: int | None = None
     batch_size: int = 16
-    max_patches: int | None = 4096
+    # Conv im2col patches per LAYER over all calibration batches (capture._patch_picks). EfficientNet-Lite0 3-bit
+    # held-out logits cosine at 12,288 / 32,768 / 65,536 patches: seed 0 0.641 / 0.675 / 0.672, seed 1 0.658 /
+    # 0.686; 4-bit 0.907 at every cap from 4,096 to 65,536; the Fashion-MNIST CNN flat from 4,096 up (docs/RESULTS.md
+    # section 16). The old cap of 4,096 per BATCH fed the CLI's batch 16 40,960 patches of 150 crops.
+    max_patches: int | None = 32768
     # MatMul rows of padding tokens left out of the Grams: the graph input (batch, sequence) whose zeros mark them
     # ("auto": `attention_mask` where the model has such an input, the name every Hugging Face export uses; "none":
     # every row). A padding position's output is masked away downstream, so fitting it spends the weights on rows

@@ -68,6 +68,9 @@ class MatMul:
     def tensor(self, layer: "Layer", W: np.ndarray) -> np.ndarray:
         return W if self.channel_axis(layer) == 0 else W.T
 
+    def row_count(self, layer: "Layer", shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape[:-1]))
+
     def rows(self, layer: "Layer", x: np.ndarray, pick: Pick) -> np.ndarray:
         if x.shape[-1] != layer.n0:
             raise ValueError(f"layer {layer.name}: input last dim {x.shape[-1]} != weight rows {layer.n0}")
@@ -91,6 +94,9 @@ class Gemm(MatMul):
 
     def channel_axis(self, layer: "Layer") -> int:
         return 0 if layer.trans_b else 1
+
+    def row_count(self, layer: "Layer", shape: tuple[int, ...]) -> int:
+        return int(shape[1] if layer.trans_a else shape[0])
 
     def rows(self, layer: "Layer", x: np.ndarray, pick: Pick) -> np.ndarray:
         return x.T if layer.trans_a else x
@@ -139,10 +145,15 @@ class Conv:
     def tensor(self, layer: "Layer", W: np.ndarray) -> np.ndarray:
         return W.reshape(layer.dims)
 
+    def _pads(self, layer: "Layer", shape: tuple[int, ...]) -> tuple[int, ...]:
+        return layer.pads if layer.pads is not None else layer.resolve_pads(tuple(shape[2:]))
+
+    def row_count(self, layer: "Layer", shape: tuple[int, ...]) -> int:
+        return patch_count(shape, layer.kernel_shape, layer.strides, self._pads(layer, shape), layer.dilations)
+
     def rows(self, layer: "Layer", x: np.ndarray, pick: Pick) -> np.ndarray:
-        pads = layer.pads if layer.pads is not None else layer.resolve_pads(tuple(x.shape[2:]))
-        total = patch_count(x.shape, layer.kernel_shape, layer.strides, pads, layer.dilations)
-        return im2col(x, layer.kernel_shape, layer.strides, pads, layer.dilations, pick(total))
+        pads = self._pads(layer, x.shape)
+        return im2col(x, layer.kernel_shape, layer.strides, pads, layer.dilations, pick(self.row_count(layer, x.shape)))
 
     def nm_groups(self, layer: "Layer", n: int, m: int) -> tuple[np.ndarray | None, str]:
         channels, stride = layer.dims[1], int(np.prod(layer.dims[2:]))
@@ -193,20 +204,30 @@ class ConvTranspose(Conv):
         w = W.reshape((d[1], d[0]) + tuple(d[2:])).swapaxes(0, 1)
         return np.flip(w, self._kernel_axes(layer))
 
-    def rows(self, layer: "Layer", x: np.ndarray, pick: Pick) -> np.ndarray:
+    def _stretched(self, layer: "Layer", shape: tuple[int, ...]):
+        """The transposed convolution as a unit-stride Conv: the stretched input's shape (zeros between the
+        inputs), the crop of it and the pads (a pad larger than d * (k - 1) crops the stretched input instead)."""
         nd = len(layer.kernel_shape)
         s, d, k = layer.strides, layer.dilations, layer.kernel_shape
-        up = np.zeros(x.shape[:2] + tuple((n - 1) * s[i] + 1 for i, n in enumerate(x.shape[2:])), dtype=x.dtype)
-        up[(slice(None), slice(None)) + tuple(slice(None, None, s[i]) for i in range(nd))] = x
+        up = tuple(shape[:2]) + tuple((n - 1) * s[i] + 1 for i, n in enumerate(shape[2:]))
         begin = [d[i] * (k[i] - 1) - layer.pads[i] for i in range(nd)]
         end = [d[i] * (k[i] - 1) - layer.pads[nd + i] + layer.output_padding[i] for i in range(nd)]
-        # a pad larger than d * (k - 1) crops the stretched input instead
-        crop = tuple(slice(max(0, -b), up.shape[2 + i] - max(0, -e)) for i, (b, e) in enumerate(zip(begin, end)))
+        crop = tuple(slice(max(0, -b), up[2 + i] - max(0, -e)) for i, (b, e) in enumerate(zip(begin, end)))
+        cropped = tuple(up[:2]) + tuple(len(range(*c.indices(up[2 + i]))) for i, c in enumerate(crop))
+        return up, crop, cropped, tuple(max(0, b) for b in begin) + tuple(max(0, e) for e in end)
+
+    def row_count(self, layer: "Layer", shape: tuple[int, ...]) -> int:
+        _, _, cropped, pads = self._stretched(layer, shape)
+        return patch_count(cropped, layer.kernel_shape, (1,) * len(layer.kernel_shape), pads, layer.dilations)
+
+    def rows(self, layer: "Layer", x: np.ndarray, pick: Pick) -> np.ndarray:
+        nd, s, k, d = len(layer.kernel_shape), layer.strides, layer.kernel_shape, layer.dilations
+        up_shape, crop, _, pads = self._stretched(layer, x.shape)
+        up = np.zeros(up_shape, dtype=x.dtype)
+        up[(slice(None), slice(None)) + tuple(slice(None, None, s[i]) for i in range(nd))] = x
         up = up[(slice(None), slice(None)) + crop]
-        pads = tuple(max(0, b) for b in begin) + tuple(max(0, e) for e in end)
         ones = (1,) * nd
-        total = patch_count(up.shape, k, ones, pads, d)
-        return im2col(up, k, ones, pads, d, pick(total))
+        return im2col(up, k, ones, pads, d, pick(self.row_count(layer, x.shape)))
 
     def nm_groups(self, layer: "Layer", n: int, m: int) -> tuple[np.ndarray | None, str]:
         return None, f"{n}:{m} not applied to ConvTranspose (no TensorRT sparse deconvolution form is checked here)"
@@ -303,6 +324,12 @@ class Layer:
         g = self.kind.groups(self)
         per = self.n1 // g
         return [slice(i * per, (i + 1) * per) for i in range(g)]
+
+    def row_count(self, shape: tuple[int, ...]) -> int:
+        """How many rows rows() makes of an input of this shape (im2col patches for a convolution)."""
+        if self.stacked:
+            shape = (int(shape[0]) * int(shape[1]),) + tuple(shape[2:])
+        return self.kind.row_count(self, tuple(int(n) for n in shape))
 
     def rows(self, x: np.ndarray, pick: Pick = lambda total: None) -> np.ndarray:
         """The layer's input `x` (one batch) as rows X with X @ W.T = the node's output before bias (per group:

@@ -110,7 +110,8 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     if config.route != "plain":
         damp = max(config.damp, FEW_ROWS_DAMP) if stats.m < 2 * L.W.shape[1] else config.damp
         target = None if L.same or not math.isfinite(config.ridge) else _ridge_align(L, config.ridge)
-        forms.append(Form("projected", _optq_core(L, config, damp=damp, target=target), T, stochastic))
+        core, proxy = _optq_core(L, config, damp=damp, target=target)
+        forms.append(Form("projected", core, T, stochastic, proxy=proxy))
     return run("spfq", L, config, rng, forms, groups)
 
 
@@ -138,8 +139,8 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     _check_rng(rng)
     L = prepare(W, stats, config.ordered("gptq"))
     groups = _groups(config, L.W.shape[1], nm_groups)
-    return run("gptq", L, config, rng, [Form("gptq", _optq_core(L, config), _operator(config, "nearest"), False)],
-               groups)
+    core, proxy = _optq_core(L, config)
+    return run("gptq", L, config, rng, [Form("gptq", core, _operator(config, "nearest"), False, proxy=proxy)], groups)
 
 
 # spfq's projected path with fewer calibration rows than 2 N0: H is (near) singular, and OPTQ's projection moves
@@ -151,7 +152,8 @@ FEW_ROWS_DAMP = 0.1
 def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, target: np.ndarray | None = None):
     """The OPTQ core: W with the error of each quantized column projected onto the later columns through the
     upper Cholesky factor of the damped H^-1 (path following with each X~_t projected off the later columns).
-    damp: config.damp unless given."""
+    damp: config.damp unless given. Returns the core and its screening proxy (search.Form.proxy): the target and
+    1 / U_tt^2, OPTQ's loss of rounding column t (the loss is sum_t (w'_t - q_t)^2 / U_tt^2)."""
     damp = config.damp if damp is None else damp
     H, W, d = L.H, (L.W if target is None else target), L.d
     live = d > 0
@@ -165,9 +167,11 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     mean_d = float(d[live].mean()) if live.any() else 1.0
     Hd[np.diag_indices_from(Hd)] += damp * mean_d
     try:
-        Lc = np.linalg.cholesky(Hd)
-        Li = np.linalg.inv(Lc)
-        U = np.ascontiguousarray(np.linalg.cholesky(Li.T @ Li).T)  # upper factor of H^-1
+        # U, the upper factor of H^-1 = U^T U, from ONE Cholesky: with J the reversal, J H J = R R^T gives
+        # H^-1 = (J R^-1 J)^T (J R^-1 J), and J R^-1 J is upper. The Cholesky of the explicit inverse that GPTQ's
+        # reference code takes costs a GEMM and a second factorisation more (same U to 1e-15 relative); this
+        # O(N0^3) setup outweighs the path following (O(N1 N0^2) per candidate) in layers with N0 > N1.
+        U = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(Hd[::-1, ::-1]))[::-1, ::-1])
     except np.linalg.LinAlgError:
         raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None
@@ -175,7 +179,7 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return core
+    return core, (target, np.where(live, 1.0 / np.diag(U) ** 2, 0.0))
 
 
 def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,

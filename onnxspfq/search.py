@@ -17,9 +17,12 @@ Step sizes: operators.step_sizes (delta = c_alpha * max|w| / K per channel / lay
 max|w|). With config.c_alpha = None each method tries a small candidate set (CANDIDATES; 1-bit stochastic: c in
 0.3..1, i.e. clipping allowed, which measured far better than the unbiased c >= 1) and keeps the one with the
 smallest exact Gram reconstruction error ||X w_n - X~ q_n||^2:
-- per output channel (channel / block granularity, no pruning): every candidate runs on every row (same xi) and each
+- per output channel (channel / block granularity, no pruning): the candidates run on every row (same xi) and each
   row keeps its best; rows are independent runs of the path following, so this is exact, and it keeps the few
-  outlier rows of transformer weights unclipped (a layer-wide pick clipped them: MiniLM 4-bit cosine 0.78 -> 0.97);
+  outlier rows of transformer weights unclipped (a layer-wide pick clipped them: MiniLM 4-bit cosine 0.78 -> 0.97).
+  Screening (config.n_screen, forms with a proxy: the OPTQ cores): each row first ranks every candidate by the OPTQ
+  loss of plain rounding onto its grid, O(N0) per row, and runs the path following only with its best n_screen;
+  the kernels then cost n_screen passes instead of one per candidate;
 - per layer (layer granularity, or pruning, where one threshold factor is fitted per layer): the candidates run on
   at most SEARCH_ROWS evenly spaced rows, then the full layer runs once with the winner.
 spfq(auto_C=True) searches C jointly with c_alpha the same way (C_CANDIDATES; 1-bit: C_CANDIDATES_BINARY plus
@@ -64,6 +67,7 @@ class Form:
     T: object
     stochastic: bool
     Cs: tuple[float, ...] = (1.0,)
+    proxy: tuple[np.ndarray, np.ndarray] | None = None  # (target, column weights) for the screening (Search.screened)
 
 
 @dataclass
@@ -257,18 +261,39 @@ class Search:
         return (self.quant and not self.prune and self.grid is None and c.granularity != "layer"
                 and len(settings) > 1)
 
-    def pick_per_row(self, settings: list[_Setting]):
-        """Every candidate on every row; each neuron keeps the one with the smallest exact error (a layer-wide pick
-        on sampled rows clipped the few outlier rows of transformer weights; docs/RESULTS.md section 3). A running
-        best, not every candidate's Q and V side by side: those were 2.2 GB on 16M weights."""
+    def screened(self, settings: list[_Setting]) -> np.ndarray | None:
+        """(settings, N1) mask of the candidates each row runs: the config.n_screen best by the form's proxy, the
+        OPTQ loss sum_t (w~_t - round(w~_t))^2 / U_tt^2 of rounding the target onto the candidate's grid with the
+        error feedback left out (O(N0) per row, where a path following run is O(N0^2)); None: every candidate."""
+        k = self.config.n_screen
+        if not k or k >= len(settings) or any(self.forms[st.form].proxy is None for st in settings):
+            return None
+        loss = np.empty((len(settings), self.N1))
         for i, st in enumerate(settings):
-            Qs, Vs = self.evaluate(st, 1.0, self.everything)
-            err = self.L.error(Qs)[0]
-            if i == 0:
-                Qk, V, best, pick = np.array(Qs), np.array(Vs), err, np.zeros(self.N1, dtype=np.int64)
-            else:  # strictly smaller: ties keep the earlier candidate, as argmin over the stacked errors did
-                won = err < best
-                Qk[won], V[won], best[won], pick[won] = Qs[won], Vs[won], err[won], i
+            target, weight = self.forms[st.form].proxy
+            loss[i] = ((target - _nearest_on_grid(target, st.scale, st.bs, self.config.bits)) ** 2) @ weight
+        keep = np.zeros(loss.shape, dtype=bool)
+        np.put_along_axis(keep, np.argsort(loss, axis=0, kind="stable")[:k], True, axis=0)
+        return keep
+
+    def pick_per_row(self, settings: list[_Setting]):
+        """The screened candidates (all by default at 1-2 bits) on every row; each neuron keeps the one with the
+        smallest exact error (a layer-wide pick on sampled rows clipped the few outlier rows of transformer weights;
+        docs/RESULTS.md section 3). A running best, not every candidate's Q and V side by side: those were 2.2 GB on
+        16M weights."""
+        keep = self.screened(settings)
+        Qk, V = np.zeros((self.N1, self.N0)), np.zeros((self.N1, self.N0))
+        best, pick = np.full(self.N1, np.inf), np.full(self.N1, -1, dtype=np.int64)
+        for i, st in enumerate(settings):
+            rows = self.everything if keep is None else np.flatnonzero(keep[i])
+            if rows.size == 0:
+                continue
+            Qs, Vs = self.evaluate(st, 1.0, rows)
+            err = self.L.error(Qs, rows)[0]
+            # strictly smaller: ties keep the earlier candidate, as argmin over the stacked errors did
+            won = (err < best[rows]) | (pick[rows] < 0)
+            at = rows[won]
+            Qk[at], V[at], best[at], pick[at] = Qs[won], Vs[won], err[won], i
             del Qs, Vs
         C_row = np.array([st.C for st in settings])[pick]
         c_row = np.array([st.c_alpha for st in settings])[pick]

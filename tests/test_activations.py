@@ -198,7 +198,9 @@ def test_w8a8_run_on_the_cnn(tmp_path, fmnist_cnn, fmnist_calib_small):
         t: 128 if t == first else 0 for t in quantized}
     assert all(("input int8, scale" if layer.input == first else "input uint8, scale") in r.note
                for layer, r in zip(layers, res.report.layers))
-    assert res.report.agreement.top1_agreement > 0.95
+    # on the 10k test set this run agrees with the float model on 95.2 % of images (docs/RESULTS.md section 16), so
+    # 32 images expect 1.5 disagreements: the bound allows 3
+    assert res.report.agreement.top1_agreement >= 29 / 32 and res.report.agreement.cosine > 0.99
     assert res.report.config["quant"]["align_ridge"] == float("inf")  # the W8A8 default: no alignment
 
 

@@ -69,6 +69,7 @@ def test_im2col_matches_onnxruntime_conv_per_group(name):
     x = _w(*xs)
     y = _run(m, {"x": x})[0] - b.reshape((1, -1) + (1,) * (len(xs) - 2))
     cols = im2col(x, layer.kernel_shape, layer.strides, layer.pads, layer.dilations)
+    assert layer.row_count(x.shape) == cols.shape[0] == layer.rows(x).shape[0]
     W = layer.matrix()
     rows = layer.group_rows()
     assert len(rows) == layer.groups and cols.shape[1] == layer.groups * layer.n0
@@ -190,31 +191,43 @@ def test_patch_subsampling_same_rows_seeded():
     model = fold_weight_chains(_residual_model())
     layers, _ = find_layers(model)
     batches = _batches(2)
-    a = Capture(model, layers, batches, max_patches=20, seed=3).grams(layers[1], {})
-    b = Capture(model, layers, batches, max_patches=20, seed=3).grams(layers[1], {})
-    c = Capture(model, layers, batches, max_patches=20, seed=4).grams(layers[1], {})
+    a = Capture(model, layers, batches, max_patches=40, seed=3).grams(layers[1], {})
+    b = Capture(model, layers, batches, max_patches=40, seed=3).grams(layers[1], {})
+    c = Capture(model, layers, batches, max_patches=40, seed=4).grams(layers[1], {})
     full = Capture(model, layers, batches, max_patches=None).grams(layers[1], {})
-    assert a[0].m == 2 * 20 and full[0].m == 2 * 2 * 64
+    assert a[0].m == 40 and full[0].m == 2 * 2 * 64  # the cap is per layer, over both batches
     for g in a:  # X~ = X here, and the same rows were kept in both
         np.testing.assert_allclose(g.H, g.G, rtol=1e-12)  # (BLAS may round X^T X and X^T Y differently)
         np.testing.assert_allclose(g.G, g.F, rtol=1e-12)
     np.testing.assert_array_equal(a[1].H, b[1].H)
     assert not np.array_equal(a[1].H, c[1].H)
     w = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix()))}
-    cap = Capture(model, layers, batches, max_patches=20, seed=3)
+    cap = Capture(model, layers, batches, max_patches=40, seed=3)
     sub = cap.grams(layers[1], w)
-    # the kept rows come from np.random.default_rng([seed, layer index, batch index])
-    ref = [Grams(layers[1].n0) for _ in range(2)]
+    # the kept rows: np.random.default_rng([seed, layer index]) over the patches of all batches, sample-major
+    L = layers[1]
     (x,) = zip(*run_model(_with_output(model, "r1"), batches, None, ["r1"]))
     (xt,) = zip(*run_model(_with_output(model, "r1"), batches, w, ["r1"]))
-    for bi in range(2):
-        rows = np.sort(np.random.default_rng([3, 1, bi]).choice(128, 20, replace=False))
-        L = layers[1]
-        X = im2col(x[bi], L.kernel_shape, L.strides, L.pads, L.dilations, rows)
-        Xt = im2col(xt[bi], L.kernel_shape, L.strides, L.pads, L.dilations, rows)
-        for g in range(2):
-            ref[g].add(X[:, g * L.n0:(g + 1) * L.n0], Xt[:, g * L.n0:(g + 1) * L.n0])
+    rows = np.sort(np.random.default_rng([3, 1]).choice(2 * 128, 40, replace=False))
+    X = np.concatenate([im2col(xb, L.kernel_shape, L.strides, L.pads, L.dilations) for xb in x])[rows]
+    Xt = np.concatenate([im2col(xb, L.kernel_shape, L.strides, L.pads, L.dilations) for xb in xt])[rows]
+    ref = [Grams(L.n0) for _ in range(2)]
+    for g in range(2):
+        ref[g].add(X[:, g * L.n0:(g + 1) * L.n0], Xt[:, g * L.n0:(g + 1) * L.n0])
     _assert_grams_close(sub, ref)
+
+
+def test_patch_cap_does_not_depend_on_batch_size():
+    """The same 6 samples as 3 batches of 2 or 1 batch of 6 keep the same patches (per-layer cap)."""
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    small = _batches(3)
+    one = [{"x": np.concatenate([b["x"] for b in small])}]
+    w = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix()))}
+    a = Capture(model, layers, small, max_patches=50, seed=1).grams(layers[1], w)
+    b = Capture(model, layers, one, max_patches=50, seed=1).grams(layers[1], w)
+    assert a[0].m == b[0].m == 50
+    _assert_grams_close(a, b)
 
 
 def _with_output(model, name):

@@ -280,3 +280,5 @@ def test_conv_same_with_dynamic_spatial_resolves_later():
     (layer,), _ = find_layers(m)
     assert layer.pads is None
     assert layer.resolve_pads((10,)) == (1, 1) and layer.resolve_pads((11,)) == (2, 1)
+    for n in (10, 11):  # the patch count resolves the pads of each input shape too
+        assert layer.row_count((2, 2, n)) == layer.rows(_w(2, 2, n)).shape[0] == 2 * 5 + (n == 11) * 2

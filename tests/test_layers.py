@@ -37,6 +37,7 @@ def test_conv_transpose_rows_times_matrix_is_the_node(kernel, strides, pads, out
     y = _ort(m, x)  # [N, M, *out]
     W = layer.matrix()
     X = layer.rows(x)
+    assert layer.row_count(x.shape) == X.shape[0]  # what the per-layer patch cap counts (capture._patch_picks)
     out = (X.astype(np.float64) @ W.T).reshape((2,) + y.shape[2:] + (6,))
     np.testing.assert_allclose(np.moveaxis(out, -1, 1), y, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(layer.tensor(W), layer.W0)  # tensor() inverts matrix() exactly

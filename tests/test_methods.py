@@ -90,8 +90,8 @@ def test_c_alpha_explicit_and_search():
     Q1, info1 = spfq(W, stats, QuantConfig(bits=4, c_alpha=0.77), np.random.default_rng(0))
     assert info1.c_alpha == 0.77 and info1.c_alpha_row is None
     np.testing.assert_allclose(info1.scale[:, 0], 0.77 * np.abs(W).max(axis=1) / 7)
-    # per channel: every candidate runs on every row with the same xi; each row keeps the smallest exact error
-    Q2, info2 = spfq(W, stats, QuantConfig(bits=4, draws=1), np.random.default_rng(0))
+    # per channel, screen 0: every candidate runs on every row with the same xi; each row keeps the smallest error
+    Q2, info2 = spfq(W, stats, QuantConfig(bits=4, draws=1, screen=0), np.random.default_rng(0))
     runs = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c, draws=1), np.random.default_rng(0))
             for c in CANDIDATES[4]}
     errs = np.stack([runs[c][1].sq_error for c in CANDIDATES[4]])
@@ -105,6 +105,38 @@ def test_c_alpha_explicit_and_search():
     full = {c: spfq(W, stats, QuantConfig(bits=4, c_alpha=c, granularity="layer"), np.random.default_rng(0))[1]
             .sq_error.sum() for c in CANDIDATES[4]}
     assert full[info3.c_alpha] <= 1.25 * min(full.values())
+
+
+def test_screening_runs_the_two_candidates_rounding_ranks_best():
+    """Default screen at 4 bits: each row runs the path following only with the 2 candidates whose plain rounding
+    has the smallest OPTQ loss sum_t (w_t - q_t)^2 / U_tt^2; 1 / U_tt^2 is the Schur complement of H's trailing
+    block at t (computed here directly, one inverse per column), and the row keeps the better of the two."""
+    W, _, _, stats = _random_layer(seed=1, n1=100)
+    cfg = QuantConfig(bits=4)
+    assert cfg.n_screen == 2 and QuantConfig(bits=2).n_screen == 0
+    Q, info = gptq(W, stats, cfg, np.random.default_rng(0))
+    runs = {c: gptq(W, stats, QuantConfig(bits=4, c_alpha=c), np.random.default_rng(0)) for c in CANDIDATES[4]}
+    full, _ = gptq(W, stats, QuantConfig(bits=4, screen=0), np.random.default_rng(0))
+    H = np.asarray(stats.H, dtype=np.float64)
+    live = np.diag(H) > 0
+    Hd = H.copy()
+    Hd[~live, ~live] = 1.0
+    Hd[np.diag_indices_from(Hd)] += cfg.damp * np.diag(H)[live].mean()
+    schur = np.array([1.0 / np.linalg.inv(Hd[t:, t:])[0, 0] for t in range(H.shape[0])]) * live
+    Wl = np.where(live, W, 0.0)
+    loss = []
+    for c in CANDIDATES[4]:
+        step = c * np.abs(W).max(axis=1, keepdims=True) / 7
+        loss.append(((Wl - np.clip(np.rint(Wl / step), -7, 7) * step) ** 2) @ schur)
+    top2 = np.argsort(np.array(loss), axis=0, kind="stable")[:2]
+    errs = np.stack([runs[c][1].sq_error for c in CANDIDATES[4]])
+    for n in range(W.shape[0]):
+        a, b = top2[:, n]
+        c = CANDIDATES[4][a] if errs[a, n] <= errs[b, n] else CANDIDATES[4][b]
+        assert info.c_alpha_row[n] == c
+        np.testing.assert_array_equal(Q[n], runs[c][0][n])
+    assert info.sq_error.sum() >= layer_error(W, full, stats)[0].sum() - 1e-9  # never better than every candidate
+    assert not np.array_equal(top2[0], np.zeros_like(top2[0]))  # the ranking really differs between rows
 
 
 def test_best_of_draws_per_channel():

@@ -35,6 +35,8 @@ CONFIGS = {
     "spfq-stochastic": CompressConfig(quant=QuantConfig(operator="stochastic")),
     "default-3bit": CompressConfig(quant=QuantConfig(bits=3)),
     "gptq-3bit": CompressConfig(method="gptq", quant=QuantConfig(bits=3)),
+    "screen0": CompressConfig(quant=QuantConfig(screen=0)),  # every candidate step (the search before screening)
+    "screen0-3bit": CompressConfig(quant=QuantConfig(bits=3, screen=0)),
 }
 
 

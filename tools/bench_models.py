@@ -193,13 +193,14 @@ def run_one(spec: dict) -> dict:
                                 c_alpha=spec.get("c_alpha"), granularity=spec.get("granularity", "channel"),
                                 block_size=spec.get("block_size", 128), draws=spec.get("draws"),
                                 act_order=spec.get("act_order"), damp=spec.get("damp", QuantConfig.damp),
-                                align_ridge=spec.get("align_ridge"))
-            config = CompressConfig(method=method, quant=quant, seed=0, samples=spec.get("samples"),
+                                align_ridge=spec.get("align_ridge"), screen=spec.get("screen"))
+            config = CompressConfig(method=method, quant=quant, seed=spec.get("seed", 0), samples=spec.get("samples"),
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
                                     avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
                                     token_mask=spec.get("token_mask", CompressConfig.token_mask),
                                     embeddings=spec.get("embeddings"),
+                                    max_patches=spec.get("max_patches", CompressConfig.max_patches),
                                     activations=ActConfig(**spec["activations"]) if spec.get("activations") is not None else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,
@@ -308,8 +309,8 @@ def main() -> None:
     p.add_argument("--minilm-samples", type=int, default=256)
     p.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences (of 1024)")
     p.add_argument("--effnet-samples", type=int, default=150)
-    p.add_argument("--effnet-batch", type=int, default=50, help="EfficientNet calibration batch (Conv layers keep "
-                   "at most --max-patches 4096 im2col rows per batch, so fewer, larger batches cost less)")
+    p.add_argument("--effnet-batch", type=int, default=50, help="EfficientNet calibration batch (the Conv patches "
+                   "kept per layer do not depend on it)")
     p.add_argument("--jobs", type=int, default=1, help="configs run at the same time")
     p.add_argument("--deadline-min", type=float, default=None, help="start no config after this many minutes")
     p.add_argument("--timeout", type=int, default=900, help="seconds per config")

@@ -36,6 +36,12 @@ def label(r: dict) -> str:
         s += " act-order"
     if r.get("draws") is not None:
         s += f" draws={r['draws']}"
+    if r.get("screen") is not None:
+        s += f" screen={r['screen']}"
+    if r.get("seed"):
+        s += f" seed={r['seed']}"
+    if r.get("max_patches") is not None:
+        s += f" patches={r['max_patches']}"
     prune = f"{r['nm'][0]}:{r['nm'][1]}" if r.get("nm") else (f"{100 * r['sparsity']:.0f}%" if r.get("sparsity") else "")
     if prune:
         s += (" prune " if r.get("bits") is None else " + ") + prune
