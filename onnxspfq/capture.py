@@ -73,8 +73,8 @@ class Capture:
     model: the (folded) model the layers were found in; layers: in the order grams() will be called;
     batches: calibration feeds; max_patches: Conv im2col rows kept per layer over all batches (a seeded uniform
     subset, the same rows in X and X~, seeded by (seed, layer index); _patch_picks); None keeps all. token_mask: a
-    feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at those positions are left
-    out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
+    feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at
+    those positions are left out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
     act.tensors is fake-quantized in the compressed model (activations.py), where downstream nodes read it too.
     """
 

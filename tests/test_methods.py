@@ -136,7 +136,7 @@ def test_screening_runs_the_two_candidates_rounding_ranks_best():
         assert info.c_alpha_row[n] == c
         np.testing.assert_array_equal(Q[n], runs[c][0][n])
     assert info.sq_error.sum() >= layer_error(W, full, stats)[0].sum() - 1e-9  # never better than every candidate
-    assert not np.array_equal(top2[0], np.zeros_like(top2[0]))  # the ranking really differs between rows
+    assert len(np.unique(top2[0])) > 1  # the ranking really differs between rows
 
 
 def test_best_of_draws_per_channel():

@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_pipeline import MODELS  # noqa: E402  (the same model / calibration files)
+from bench_pipeline import MODELS, warm_up  # noqa: E402  (the same model / calibration files)
 
 
 def measure(name: str, bits: int, screens: list[int], one_pass: float, method: str, samples: int | None) -> None:
@@ -81,13 +81,7 @@ def main() -> None:
     ap.add_argument("--method", default="spfq")
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: all in the file)")
     args = ap.parse_args()
-    import tempfile
-
-    from onnxspfq.api import compress
-    from onnxspfq.config import CompressConfig
-    with tempfile.TemporaryDirectory() as tmp:  # compile / load the kernels once, outside the timings
-        compress(str(ROOT / "models" / "fmnist_mlp.onnx"), str(ROOT / "models" / "data" / "fmnist_calib_small.npz"),
-                 os.path.join(tmp, "w.onnx"), CompressConfig(method=args.method), progress=False)
+    warm_up(args.method)
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs", file=sys.stderr)
     for name in args.models:
         for bits in args.bits:
