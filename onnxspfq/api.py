@@ -163,7 +163,7 @@ class _Run:
                 progress: bool = False, act: ActScales | None = None) -> Capture:
         """The two-graph capture of this run's layers over `batches` (default: all calibration batches)."""
         return Capture(self.view, self.layers, self.batches if batches is None else batches,
-                       max_patches=config.max_patches, seed=config.seed, progress=progress,
+                       max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed, progress=progress,
                        token_mask=self.token_mask, act=act)
 
     def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str]]:

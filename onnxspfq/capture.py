@@ -2,9 +2,11 @@
 
 How (FORMATS.md, "Collecting layer inputs"): the model is cut once into segments, one per layer in layer order;
 segment k holds the nodes first needed to compute layer k's input. Each segment is an in-memory
-sub-model (graph.sub_model) of a shape-inferred, weight-less copy of the model in which the layer weights
-(and every initializer of >= 1024 elements) are graph INPUTS: the same session serves the float run and the
-compressed run, the weights being fed per run. Two frontiers of computed tensors (float, compressed) are carried
+sub-model (graph.sub_model) of a shape-inferred, weight-less copy of the model; the layer weights (and every
+initializer of >= 1024 elements) are handed to the segment's session as constants without serialising the model
+(io.session's `initializers`): one session per segment and set of weights, shared by the float and the
+compressed run until a weight of that segment is replaced (onnxruntime runs a Conv fed its weight as an input
+without its optimised layout). Two frontiers of computed tensors (float, compressed) are carried
 forward segment by segment; a tensor is dropped as soon as no later segment or layer read needs it, so each node
 runs once per batch per frontier (never a re-run of the whole prefix). Compressed tensors that no replaced weight
 can have changed are shared with the float frontier instead of being recomputed.
@@ -72,7 +74,9 @@ class Capture:
 
     model: the (folded) model the layers were found in; layers: in the order grams() will be called;
     batches: calibration feeds; max_patches: Conv im2col rows kept per layer over all batches (a seeded uniform
-    subset, the same rows in X and X~, seeded by (seed, layer index); _patch_picks); None keeps all. token_mask: a
+    subset, the same rows in X and X~, seeded by (seed, layer index); _patch_picks); None keeps all. group_patches:
+    the same for grouped (depthwise) Convs, whose groups have N0 = C / groups * kernel inputs each (the smaller cap
+    applies). token_mask: a
     feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at
     those positions are left out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
     act.tensors is fake-quantized in the compressed model (activations.py), where downstream nodes read it too.
@@ -82,13 +86,14 @@ class Capture:
                  max_patches: int | None = 4096, seed: int = 0, progress: bool = False,
                  memory_limit_mb: int = MEMORY_LIMIT_MB, spill_dir: str | None = None,
                  providers: list[str] | None = None, token_mask: str | None = None,
-                 act: ActScales | None = None) -> None:
+                 act: ActScales | None = None, group_patches: int | None = None) -> None:
         if not batches:
             raise ValueError("Capture needs at least one calibration batch")
         self.layers = list(layers)
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.batches = batches
         self.max_patches = max_patches
+        self.group_patches = group_patches
         self.seed = seed
         self.token_mask = token_mask
         self.act = act
@@ -107,7 +112,7 @@ class Capture:
         self._plan, self._last_use, self._weight_last_use = _plan(wl, cuts, self._fed, self._graph_inputs)
         self._budget = Budget(int(memory_limit_mb) * 2 ** 20, spill_dir)
         self._finalizer = weakref.finalize(self, cleanup, self._budget)
-        self._sessions: dict[int, ort.InferenceSession] = {}
+        self._sessions: dict[tuple, ort.InferenceSession] = {}  # (segment, weights used): _session
         self._orig: dict[str, np.ndarray] = {}
         self._digests: dict[int, tuple[weakref.ref, Digest]] = {}
         self._float = self._fresh()
@@ -243,11 +248,9 @@ class Capture:
                 for t in seg.outputs:
                     fr.store[(b, t)] = float_fr.store[(b, t)]
         else:
-            sess = self._session(s, fr)
-            feeds_w = {w: self._weight_feed(w, weights) for w in seg.weights}
+            sess = self._session(s, fr, weights)
             for b in range(nb):
                 feeds = {t: fr.store[(b, t)].get() for t in seg.inputs}
-                feeds.update(feeds_w)
                 for t, arr in zip(seg.outputs, sess.run(seg.outputs, feeds)):
                     fr.store[(b, t)] = Held(arr, self._budget)
             if dirty:
@@ -265,25 +268,29 @@ class Capture:
             self._orig[name] = self._model.array(t)
         return self._orig[name]
 
-    def _session(self, s: int, fr: _Frontier) -> ort.InferenceSession:
-        if s in self._sessions:
-            return self._sessions[s]
+    def _session(self, s: int, fr: _Frontier, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+        """Segment s's session holding the weights fr uses (fr.used) as constants, so one session per segment
+        serves both frontiers until a weight of it is replaced."""
         seg = self._plan[s]
+        key = (s, tuple(fr.used[w] for w in seg.weights))
+        if key in self._sessions:
+            return self._sessions[key]
         infos = self._value_infos
         for t in seg.inputs:  # tensors shape inference could not type: declare them from the actual arrays
             if t not in infos:
                 a = fr.store[(0, t)].get()
                 infos[t] = onnx.helper.make_tensor_value_info(
                     t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
-        sub = sub_model(self._wl, seg.nodes, seg.inputs + seg.weights, seg.outputs, infos)
-        sess = session(sub.SerializeToString(), session_options(), self.providers)
-        self._sessions[s] = sess
+        sub = sub_model(self._wl, seg.nodes, seg.inputs, seg.outputs, infos, constants=seg.weights)
+        sess = session(sub.SerializeToString(), session_options(), self.providers,
+                       initializers={w: self._weight_feed(w, weights) for w in seg.weights})
+        self._sessions[key] = sess
         return sess
 
     def _housekeeping(self) -> None:
         done = min(self._float.pos, self._comp.pos)
-        for s in [s for s in self._sessions if s < done]:
-            del self._sessions[s]
+        for key in [key for key in self._sessions if key[0] < done]:
+            del self._sessions[key]
         for w in [w for w in self._orig if self._weight_last_use.get(w, -1) < done]:
             del self._orig[w]
 
@@ -332,13 +339,14 @@ class Capture:
         across the batches, so the subset does not depend on the batch size (a per-batch cap fed the CLI's batch
         16 3.3x the rows of batch 50 for the same data)."""
         none = [None] * len(held)
-        if self.max_patches is None or layer.op in MATMUL_OPS:
+        caps = [c for c in (self.max_patches, self.group_patches if layer.groups > 1 else None) if c is not None]
+        if not caps or layer.op in MATMUL_OPS:
             return none
+        cap = min(caps)
         totals = np.array([layer.row_count(hf.get().shape) for hf, _ in held], dtype=np.int64)
-        if totals.sum() <= self.max_patches:
+        if totals.sum() <= cap:
             return none
-        keep = np.sort(np.random.default_rng([self.seed, k]).choice(int(totals.sum()), self.max_patches,
-                                                                     replace=False))
+        keep = np.sort(np.random.default_rng([self.seed, k]).choice(int(totals.sum()), cap, replace=False))
         starts = np.concatenate([[0], np.cumsum(totals)])
         cut = np.searchsorted(keep, starts)
         return [keep[cut[b]:cut[b + 1]] - starts[b] for b in range(len(held))]

@@ -95,7 +95,10 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--batch-size", type=int, default=CompressConfig.batch_size,
                    help="calibration batch size for onnxruntime")
     c.add_argument("--max-patches", type=int, default=CompressConfig.max_patches,
-                   help="Conv: at most this many im2col patches per batch")
+                   help="Conv: at most this many im2col patches per layer over all calibration batches (a seeded "
+                   "uniform subset)")
+    c.add_argument("--group-patches", type=int, default=CompressConfig.group_patches,
+                   help="the same for grouped / depthwise Convs (the smaller cap applies)")
     c.add_argument("--activations", default="none", choices=("none", "int8"), help="int8: W8A8, each compressed "
                    "layer's input quantized too (symmetric per tensor, calibrated on the calibration data; path "
                    "following then corrects the activation error as well); weights at 8 bits [none: weights only]")
@@ -231,7 +234,8 @@ def _compress(a: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, sparsity=sparsity, nm=nm, **{k: v for k, v in given.items() if v is not None})
     skip = tuple(name for item in a.skip for name in item.split(",") if name)
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
-                            max_patches=a.max_patches, token_mask=a.token_mask, activations=act, opset=a.opset,
+                            max_patches=a.max_patches, group_patches=a.group_patches,
+                            token_mask=a.token_mask, activations=act, opset=a.opset,
                             skip=skip, format=a.format, auto_C=a.auto_C, avg_bits=a.avg_bits, target=a.target,
                             accuracy_level=a.accuracy_level, embeddings=a.embeddings)
     out = a.out if a.out is not None else default_output(a.model)

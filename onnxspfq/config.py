@@ -259,6 +259,12 @@ class CompressConfig:
     # Fashion-MNIST CNN flat from 4,096 up (docs/RESULTS.md section 16). So the cheaper cap; the old cap of 4,096 per
     # BATCH fed the CLI's batch 16 40,960 patches of 150 crops (the grid of section 11 ran batch 50: 12,288).
     max_patches: int | None = 12288
+    # the same cap for grouped / depthwise Convs (the smaller applies; None: max_patches alone): their groups have
+    # N0 = 9 or 25 inputs, so 12,288 rows were 490-1,365 rows per input where a dense layer's Gram has 10-85, and
+    # EfficientNet-Lite0's 16 depthwise layers were 28 of its 37 s of Gram building. At 4,096 its held-out logits
+    # cosine, 3 bit seeds 0 / 1 / 2: 0.655 / 0.668 / 0.663 vs 0.652 / 0.654 / 0.670 at 12,288; 4 bit 0.908 vs
+    # 0.912 (2,048: 0.909): no change beyond the seeds' spread, compress 117 -> 84 s (docs/RESULTS.md section 17)
+    group_patches: int | None = 4096
     # MatMul rows of padding tokens left out of the Grams: the graph input (batch, sequence) whose zeros mark them
     # ("auto": `attention_mask` where the model has such an input, the name every Hugging Face export uses; "none":
     # every row). A padding position's output is masked away downstream, so fitting it spends the weights on rows
@@ -317,6 +323,8 @@ class CompressConfig:
             raise OnnxspfqError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_patches is not None and self.max_patches < 1:
             raise OnnxspfqError(f"max_patches must be >= 1, got {self.max_patches}")
+        if self.group_patches is not None and self.group_patches < 1:
+            raise OnnxspfqError(f"group_patches must be >= 1, got {self.group_patches}")
         if not self.token_mask:
             raise OnnxspfqError("--token-mask needs an input name, auto or none")
         if not 0 <= self.seed < 2 ** 63:

@@ -124,13 +124,16 @@ def needed_nodes(graph: onnx.GraphProto, outputs: list[str], stop: set[str]) -> 
 
 
 def sub_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], outputs: list[str],
-              infos: dict[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
+              infos: dict[str, onnx.ValueInfoProto], constants: list[str] = ()) -> onnx.ModelProto:
     """The model of nodes `nodes` of `model`'s graph, fed `inputs`, returning `outputs` (typed from `infos`; an
-    output without one is left untyped), with the initializers and value infos those nodes read."""
+    output without one is left untyped), with the initializers and value infos those nodes read.
+    `constants` (names typed in `infos`) become initializers without data, whose arrays io.session supplies
+    (`initializers`): onnxruntime then treats them as constant weights, not as inputs (module io, session)."""
     g = onnx.GraphProto(name="segment")
     g.node.extend(model.graph.node[i] for i in nodes)
     names = used_names(g) | {o for n in g.node for o in n.output}
     g.input.extend(infos[t] for t in inputs)
+    g.initializer.extend(_placeholder(infos[t]) for t in constants)
     g.output.extend(infos.get(t) or onnx.ValueInfoProto(name=t) for t in outputs)
     g.initializer.extend(t for t in model.graph.initializer if t.name in names)
     io = set(inputs) | set(outputs)
@@ -138,6 +141,16 @@ def sub_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], outpu
     m = onnx.helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
     m.functions.extend(model.functions)
     return m
+
+
+def _placeholder(info: onnx.ValueInfoProto) -> onnx.TensorProto:
+    """An initializer of `info`'s name, type and (static) shape marked as external data at no location: its array
+    is given at session creation (SessionOptions.add_external_initializers), never read from a file."""
+    t = onnx.TensorProto(name=info.name, data_type=info.type.tensor_type.elem_type,
+                         dims=[d.dim_value for d in info.type.tensor_type.shape.dim],
+                         data_location=onnx.TensorProto.EXTERNAL)
+    t.external_data.add(key="location", value="supplied-at-session-creation")
+    return t
 
 
 def used_names(graph: onnx.GraphProto) -> set[str]:

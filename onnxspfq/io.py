@@ -50,12 +50,25 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def session(src: bytes | str, options: ort.SessionOptions | None = None,
-            providers: list[str] | None = None) -> ort.InferenceSession:
+            providers: list[str] | None = None, initializers: dict[str, np.ndarray] | None = None
+            ) -> ort.InferenceSession:
     """An onnxruntime session (the one place sessions are made), its load errors as one line: an op it has no
-    kernel for, a type it cannot run, a graph it rejects."""
+    kernel for, a type it cannot run, a graph it rejects.
+
+    initializers: the arrays of a graph's data-less initializers (graph.sub_model's `constants`), handed over
+    without serialising them. onnxruntime optimises a constant weight (Conv's NCHWc layout, pre-packed MatMul B)
+    and not a weight fed as an input: EfficientNet-Lite0's forward pass took 2.8x as long with its Conv weights
+    as inputs (tools/bench_pipeline.py, docs/RESULTS.md section 17). The session keeps the arrays alive (onnxruntime
+    reads them in place)."""
+    options = options or session_options()
+    values = None
+    if initializers:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
+        options.add_external_initializers(list(initializers), values)
     try:
-        return ort.InferenceSession(src, sess_options=options or session_options(),
-                                    providers=providers or ["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        sess.onnxspfq_initializers = values  # onnxruntime holds pointers into these buffers
+        return sess
     except Exception as err:  # onnxruntime raises its own pybind classes (Fail, InvalidGraph, NotImplemented ...)
         text = " ".join(str(err).split())
         text = text.split("] ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text

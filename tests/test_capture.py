@@ -230,6 +230,42 @@ def test_patch_cap_does_not_depend_on_batch_size():
     _assert_grams_close(a, b)
 
 
+def test_group_patch_cap_applies_to_grouped_convs_only():
+    """group_patches caps the grouped / depthwise Convs (the smaller of the two caps), with the same seeded subset
+    max_patches would keep; dense Convs keep max_patches."""
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    conv1, conv2, dw = layers[:3]
+    assert (conv1.groups, conv2.groups, dw.groups) == (1, 2, 8)
+    batches = _batches()
+    w = {conv1.weight: conv1.tensor(_compress(conv1.matrix()))}
+    cap = Capture(model, layers, batches, max_patches=None, group_patches=30, seed=2)
+    assert cap.grams(conv1, {})[0].m == 3 * 2 * 64
+    grouped = cap.grams(conv2, w)
+    assert [g.m for g in grouped] == [30, 30]
+    _assert_grams_close(grouped, Capture(model, layers, batches, max_patches=30, seed=2).grams(conv2, w), rtol=0)
+    both = Capture(model, layers, batches, max_patches=20, group_patches=30, seed=2)
+    assert both.grams(conv1, {})[0].m == 20 and {g.m for g in both.grams(dw, w)} == {20}
+
+
+def test_segment_sessions_take_weights_as_constants(monkeypatch):
+    """Each segment's session holds the layer weights as constants (onnxruntime optimises those, not inputs), one
+    session per segment and set of weights, and still computes what the whole model computes."""
+    import onnxspfq.capture as capture_module
+    made, real = [], capture_module.session
+    monkeypatch.setattr(capture_module, "session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    batches = _batches()
+    cap = Capture(model, layers, batches, max_patches=None)
+    w = {layers[0].weight: layers[0].tensor(_compress(layers[0].matrix())),
+         layers[1].weight: layers[1].tensor(_compress(layers[1].matrix()))}
+    _assert_grams_close(cap.grams(layers[2], w), _naive_grams(model, layers[2], batches, w))
+    weights = {la.weight for la in layers}
+    # segments 1 and 2 read W1 / W2: a float and a compressed session each
+    assert len(made) == 4 and all(i.name not in weights for sess in made for i in sess.get_inputs())
+
+
 def _with_output(model, name):
     m = onnx.ModelProto()
     m.CopyFrom(model)

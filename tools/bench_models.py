@@ -201,6 +201,7 @@ def run_one(spec: dict) -> dict:
                                     token_mask=spec.get("token_mask", CompressConfig.token_mask),
                                     embeddings=spec.get("embeddings"),
                                     max_patches=spec.get("max_patches", CompressConfig.max_patches),
+                                    group_patches=spec.get("group_patches", CompressConfig.group_patches),
                                     activations=ActConfig(**spec["activations"]) if spec.get("activations") is not None else None)
             result = compress(str(files["model"]), calib, output=out_path, config=config, progress=False)
             res["layers"] = [{"name": l.name, "op": l.op, "shape": l.shape, "rel_error": l.rel_error,

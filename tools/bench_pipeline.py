@@ -33,9 +33,14 @@ MODELS = {
                      CACHE / "efficientnet_lite0" / "effnet_calib.npz", {}),
     "qwen2-tiny": (ROOT / "models" / "qwen2_tiny.onnx", Path("/tmp/tiny/calib.npz"), {}),
 }
-PHASES = [  # (label, function name as cProfile lists it, file suffix)
+PHASES = [  # (label, function name as cProfile lists it, file suffix); indented labels: parts of the row above
     ("open + checks + calibration", "_open", "api.py"),
     ("capture (onnxruntime runs, Grams)", "grams", "capture.py"),
+    ("  segment sessions made", "_session", "capture.py"),
+    ("  segment runs (onnxruntime)", ("run", "_advance"), "onnxruntime_inference_collection.py"),
+    ("  frontier arrays kept / spilled", "__init__", "spill.py"),
+    ("  layer rows (im2col, padding)", "_rows", "capture.py"),
+    ("  Gram products", "flush", "capture.py"),
     ("method (search + kernels)", "_quantize_layer", "api.py"),
     ("emit", "_emit_checked", "api.py"),
     ("save", "save_model", "save.py"),
@@ -43,13 +48,13 @@ PHASES = [  # (label, function name as cProfile lists it, file suffix)
 ]
 
 
-def floor_seconds(model: str, calib: str, batch_size: int) -> tuple[float, float, float]:
-    """(floor, two forward passes, kernel pass) in seconds."""
+def floor_seconds(model: str, calib: str, batch_size: int) -> tuple[float, float, float, float]:
+    """(floor, two forward passes, kernel pass, two forward passes with the weights fed as inputs) in seconds."""
     from onnxspfq import kernels as K
     from onnxspfq import operators as op
     from onnxspfq.calib import load_calibration
     from onnxspfq.fold import fold_weight_chains
-    from onnxspfq.graph import find_layers, load_model
+    from onnxspfq.graph import find_layers, load_model, weightless
     from onnxspfq.io import session
 
     m = load_model(model)
@@ -61,6 +66,17 @@ def floor_seconds(model: str, calib: str, batch_size: int) -> tuple[float, float
         for b in batches:
             sess.run(None, b)
     forward = time.perf_counter() - t
+    # the same passes with the weights fed as inputs (how the capture's segments ran before docs/RESULTS.md
+    # section 17): onnxruntime optimises constant weights only
+    wl, fed = weightless(m)
+    fed_sess = session(wl.SerializeToString())
+    ws = {name: np.asarray(m.array(name)) for name in fed}
+    fed_sess.run(None, {**batches[0], **ws})
+    t = time.perf_counter()
+    for _ in range(2):
+        for b in batches:
+            fed_sess.run(None, {**b, **ws})
+    fed_forward = time.perf_counter() - t
     layers, _ = find_layers(fold_weight_chains(m))
     rng = np.random.default_rng(0)
     # compile / load this kernel variant outside the timing (the warm-up compress runs other variants: without
@@ -82,7 +98,7 @@ def floor_seconds(model: str, calib: str, batch_size: int) -> tuple[float, float
         for _ in range(layer.groups):
             K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs)
         kernel += time.perf_counter() - t
-    return forward + kernel, forward, kernel
+    return forward + kernel, forward, kernel, fed_forward
 
 
 def run(name: str, method: str, batch_size: int) -> None:
@@ -99,7 +115,7 @@ def run(name: str, method: str, batch_size: int) -> None:
         t = time.perf_counter()
         compress(str(model), str(calib), out, cfg, progress=False)
         pipeline = time.perf_counter() - t
-        floor, forward, kernel = floor_seconds(str(model), str(calib), batch_size)
+        floor, forward, kernel, fed_forward = floor_seconds(str(model), str(calib), batch_size)
         prof = cProfile.Profile()
         prof.enable()
         compress(str(model), str(calib), out, cfg, progress=False)
@@ -108,8 +124,14 @@ def run(name: str, method: str, batch_size: int) -> None:
     total = max(v[3] for k, v in stats.stats.items() if k[2] == "compress" and k[0].endswith("api.py"))
     print(f"{name} ({method}, batch {batch_size}): pipeline {pipeline:.2f} s, floor {floor:.2f} s "
           f"(2 forward passes {forward:.2f} s + kernel pass {kernel:.2f} s): {pipeline / floor:.2f}x the floor")
+    print(f"    the 2 forward passes with the weights fed as inputs: {fed_forward:.2f} s ({fed_forward / forward:.2f}x)")
     for label, fn, suffix in PHASES:
-        cum = sum(v[3] for k, v in stats.stats.items() if k[2] == fn and k[0].endswith(suffix))
+        if isinstance(fn, tuple):  # (function, caller): only the time of the calls from that caller
+            fn, caller = fn
+            cum = sum(c[3] for k, v in stats.stats.items() if k[2] == fn and k[0].endswith(suffix)
+                      for ck, c in v[4].items() if ck[2] == caller)
+        else:
+            cum = sum(v[3] for k, v in stats.stats.items() if k[2] == fn and k[0].endswith(suffix))
         print(f"    {label:<36} {100 * cum / total:5.1f} %")
 
 
