@@ -163,8 +163,8 @@ class _Run:
                 progress: bool = False, act: ActScales | None = None) -> Capture:
         """The two-graph capture of this run's layers over `batches` (default: all calibration batches)."""
         return Capture(self.view, self.layers, self.batches if batches is None else batches,
-                       max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed, progress=progress,
-                       token_mask=self.token_mask, act=act)
+                       max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed,
+                       progress=progress, token_mask=self.token_mask, act=act)
 
     def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str]]:
         """W8A8's tensors: (their ActScales, the layers whose input stays float and why, layer -> the output tensor

@@ -76,10 +76,10 @@ class Capture:
     batches: calibration feeds; max_patches: Conv im2col rows kept per layer over all batches (a seeded uniform
     subset, the same rows in X and X~, seeded by (seed, layer index); _patch_picks); None keeps all. group_patches:
     the same for grouped (depthwise) Convs, whose groups have N0 = C / groups * kernel inputs each (the smaller cap
-    applies). token_mask: a
-    feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch, sequence, N0) input at
-    those positions are left out of the Grams (calib.token_mask_input); None keeps every row. act: activation quantization (W8A8): each of
-    act.tensors is fake-quantized in the compressed model (activations.py), where downstream nodes read it too.
+    applies). token_mask: a feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch,
+    sequence, N0) input at those positions are left out of the Grams (calib.token_mask_input); None keeps every
+    row. act: activation quantization (W8A8): each of act.tensors is fake-quantized in the compressed model
+    (activations.py), where downstream nodes read it too.
     """
 
     def __init__(self, model: Model | onnx.ModelProto, layers: list[Layer], batches: list[dict[str, np.ndarray]],
@@ -339,10 +339,11 @@ class Capture:
         across the batches, so the subset does not depend on the batch size (a per-batch cap fed the CLI's batch
         16 3.3x the rows of batch 50 for the same data)."""
         none = [None] * len(held)
-        caps = [c for c in (self.max_patches, self.group_patches if layer.groups > 1 else None) if c is not None]
-        if not caps or layer.op in MATMUL_OPS:
+        cap = self.max_patches
+        if layer.groups > 1 and self.group_patches is not None:
+            cap = self.group_patches if cap is None else min(cap, self.group_patches)
+        if cap is None or layer.op in MATMUL_OPS:
             return none
-        cap = min(caps)
         totals = np.array([layer.row_count(hf.get().shape) for hf, _ in held], dtype=np.int64)
         if totals.sum() <= cap:
             return none

@@ -261,9 +261,9 @@ class CompressConfig:
     max_patches: int | None = 12288
     # the same cap for grouped / depthwise Convs (the smaller applies; None: max_patches alone): their groups have
     # N0 = 9 or 25 inputs, so 12,288 rows were 490-1,365 rows per input where a dense layer's Gram has 10-85, and
-    # EfficientNet-Lite0's 16 depthwise layers were 28 of its 37 s of Gram building. At 4,096 its held-out logits
-    # cosine, 3 bit seeds 0 / 1 / 2: 0.655 / 0.668 / 0.663 vs 0.652 / 0.654 / 0.670 at 12,288; 4 bit 0.908 vs
-    # 0.912 (2,048: 0.909): no change beyond the seeds' spread, compress 117 -> 84 s (docs/RESULTS.md section 17)
+    # EfficientNet-Lite0's 16 depthwise layers were most of its Gram building. At 4,096 its held-out logits cosine,
+    # 3 bit seeds 0 / 1 / 2: 0.655 / 0.668 / 0.663 vs 0.652 / 0.654 / 0.670 at 12,288; 4 bit 0.908 vs 0.912
+    # (2,048: 0.909): no change beyond the seeds' spread, compress 117 -> 84 s (docs/RESULTS.md section 17)
     group_patches: int | None = 4096
     # MatMul rows of padding tokens left out of the Grams: the graph input (batch, sequence) whose zeros mark them
     # ("auto": `attention_mask` where the model has such an input, the name every Hugging Face export uses; "none":

@@ -253,7 +253,12 @@ def test_segment_sessions_take_weights_as_constants(monkeypatch):
     session per segment and set of weights, and still computes what the whole model computes."""
     import onnxspfq.capture as capture_module
     made, real = [], capture_module.session
-    monkeypatch.setattr(capture_module, "session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(capture_module, "session", recorded)
     model = fold_weight_chains(_residual_model())
     layers, _ = find_layers(model)
     batches = _batches()

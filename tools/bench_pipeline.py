@@ -124,7 +124,8 @@ def run(name: str, method: str, batch_size: int) -> None:
     total = max(v[3] for k, v in stats.stats.items() if k[2] == "compress" and k[0].endswith("api.py"))
     print(f"{name} ({method}, batch {batch_size}): pipeline {pipeline:.2f} s, floor {floor:.2f} s "
           f"(2 forward passes {forward:.2f} s + kernel pass {kernel:.2f} s): {pipeline / floor:.2f}x the floor")
-    print(f"    the 2 forward passes with the weights fed as inputs: {fed_forward:.2f} s ({fed_forward / forward:.2f}x)")
+    print(f"    the 2 forward passes with the weights fed as inputs: {fed_forward:.2f} s "
+          f"({fed_forward / forward:.2f}x)")
     for label, fn, suffix in PHASES:
         if isinstance(fn, tuple):  # (function, caller): only the time of the calls from that caller
             fn, caller = fn
