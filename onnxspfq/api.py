@@ -73,7 +73,7 @@ def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressCo
     parts = []
     for rows, stats in zip(layer.group_rows(), grams):
         for part in _row_chunks(rows, W.shape[1], quant):
-            Q[part], info = method(W[part], stats, quant, rng, **kwargs)
+            Q[part], info = method(W[part], stats.rows(part, rows.start), quant, rng, **kwargs)
             parts.append(info)
     info = parts[0] if len(parts) == 1 else _stack(parts)
     return Q, info, "; ".join(notes), quant
@@ -118,7 +118,7 @@ def _path_shares(info, quant) -> str:
 def _layer_rel_error(info, W: np.ndarray, grams: list, rows: list) -> float:
     """Layer relative error sum_n ||X w_n - X~ q_n||^2 / sum_n ||X w_n||^2 (neurons with no output count in the
     numerator only, so a dead neuron cannot turn the figure into nan)."""
-    norms = sum(float(np.einsum("ij,ij->", np.asarray(W[c], np.float64) @ g.F, np.asarray(W[c], np.float64)))
+    norms = sum(float(g.rows(c, r.start).w_F_w(np.asarray(W[c], np.float64)).sum())
                 for r, g in zip(rows, grams) for c in _row_chunks(r, W.shape[1], None))
     err = float(np.sum(info.sq_error))
     return err / norms if norms > 0 else (0.0 if err == 0 else float("inf"))
@@ -160,11 +160,12 @@ class _Run:
         return config if quant == config.quant else dataclasses.replace(config, quant=quant)
 
     def capture(self, config: CompressConfig, batches: list[dict[str, np.ndarray]] | None = None,
-                progress: bool = False, act: ActScales | None = None) -> Capture:
-        """The two-graph capture of this run's layers over `batches` (default: all calibration batches)."""
+                progress: bool = False, act: ActScales | None = None, full_grams: set[str] | None = None) -> Capture:
+        """The two-graph capture of this run's layers over `batches` (default: all calibration batches);
+        full_grams: the layers whose method reads G itself (Capture; None: all)."""
         return Capture(self.view, self.layers, self.batches if batches is None else batches,
                        max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed,
-                       progress=progress, token_mask=self.token_mask, act=act)
+                       progress=progress, token_mask=self.token_mask, act=act, full_grams=full_grams)
 
     def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str]]:
         """W8A8's tensors: (their ActScales, the layers whose input stays float and why, layer -> the output tensor
@@ -379,7 +380,10 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
     bits: each layer's bits (--avg-bits), else config.quant.bits for all.
     Returns ([(layer, result, nm)], [LayerReport], {weight: float values} for the formats that store floats)."""
     keep_floats = config.format == "sparse" or config.quant.bits is None  # these formats store float weights
-    capture = _DataFree() if data_free else run.capture(config, progress=progress, act=act)
+    configs = {layer.name: run.layer_config(config, layer, None if bits is None else bits[layer.name].bits)
+               for layer in run.layers}
+    full = {name for name, c in configs.items() if c.reads_cross_gram}
+    capture = _DataFree() if data_free else run.capture(config, progress=progress, act=act, full_grams=full)
     weights: dict = {}
     floats: dict[str, np.ndarray] = {}
     done, layer_reports = [], []
@@ -394,7 +398,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
             # float32 as stored (each method call casts its rows to float64): a 151936 x 1024 lm_head in float64
             # was 1.2 GB, plus a float64 Q of the same size
             W = layer.matrix(dtype=np.float32)
-            lconfig = run.layer_config(config, layer, None if bits is None else bits[layer.name].bits)
+            lconfig = configs[layer.name]
             try:
                 Q, info, note, quant = _quantize_layer(layer, W, grams, lconfig, rng)
             except OnnxspfqError as err:

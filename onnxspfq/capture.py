@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,14 +80,16 @@ class Capture:
     applies). token_mask: a feed name whose (batch, sequence) zeros mark padding tokens: MatMul rows of a (batch,
     sequence, N0) input at those positions are left out of the Grams (calib.token_mask_input); None keeps every
     row. act: activation quantization (W8A8): each of act.tensors is fake-quantized in the compressed model
-    (activations.py), where downstream nodes read it too.
+    (activations.py), where downstream nodes read it too. full_grams: the layers (by name) whose method reads G
+    itself (the plain path's kernels); the others may get their Grams in the weight form (_weight_form); None: all.
     """
 
     def __init__(self, model: Model | onnx.ModelProto, layers: list[Layer], batches: list[dict[str, np.ndarray]],
                  max_patches: int | None = 4096, seed: int = 0, progress: bool = False,
                  memory_limit_mb: int = MEMORY_LIMIT_MB, spill_dir: str | None = None,
                  providers: list[str] | None = None, token_mask: str | None = None,
-                 act: ActScales | None = None, group_patches: int | None = None) -> None:
+                 act: ActScales | None = None, group_patches: int | None = None,
+                 full_grams: set[str] | None = None) -> None:
         if not batches:
             raise ValueError("Capture needs at least one calibration batch")
         self.layers = list(layers)
@@ -97,6 +100,8 @@ class Capture:
         self.seed = seed
         self.token_mask = token_mask
         self.act = act
+        self.full_grams = full_grams
+        self._readers = Counter(layer.input for layer in self.layers)
         self.progress = progress
         self.providers = providers or ["CPUExecutionProvider"]
         self._model = as_model(model)
@@ -309,8 +314,20 @@ class Capture:
         self._last = (key, held, out) if key is not None else (None, [], [])
         return out
 
+    def _weight_form(self, layer: Layer) -> bool:
+        """Whether the layer's Grams are built in the weight form (gram.Grams: W G^T and w^T F w from the layer's
+        own float output instead of G and F): its method does not read G, no other layer reads its input (Grams
+        shared by several weights), and a group's N1 is at most N0 / 2, where its output costs 2 m N0 N1 against
+        1.5 m N0^2 for G and F (FFN down projections, 1 x 1 projections, depthwise groups)."""
+        if self.full_grams is None or layer.name in self.full_grams or layer.stacked:
+            return False
+        per_group = layer.n1 // layer.groups
+        return self._readers[layer.input] == 1 and 2 * per_group <= layer.n0
+
     def _build_grams(self, k: int, layer: Layer, held: list[tuple[Held, Held]]) -> list[Grams]:
-        out = [Grams(layer.n0) for _ in layer.group_rows()]
+        W = layer.matrix(dtype=np.float32) if self._weight_form(layer) else None
+        out = [Grams(layer.n0, None if W is None else W[r]) for r in layer.group_rows()]
+        del W
         pending: list[tuple[np.ndarray, np.ndarray]] = []
 
         def flush() -> None:
@@ -326,8 +343,10 @@ class Capture:
         for b, ((hf, hc), pick) in enumerate(zip(held, self._patch_picks(k, layer, held))):
             if pick is not None and pick.size == 0:
                 continue
-            rows = self._rows(b, layer, hf.get(), pick)
-            pending.append((rows, rows if hc is hf else self._rows(b, layer, hc.get(), pick)))
+            x = hf.get()
+            rows = self._rows(b, layer, x, pick)
+            # the same array (a graph input both frontiers hold, or a tensor no replaced weight changed): X~ = X
+            pending.append((rows, rows if hc is hf or hc.get() is x else self._rows(b, layer, hc.get(), pick)))
             if sum(p[0].size for p in pending) >= FLUSH_VALUES:
                 flush()
         flush()

@@ -356,6 +356,14 @@ class CompressConfig:
         if (why := targets.refusals(self)) is not None:
             raise OnnxspfqError(why)
 
+    @property
+    def reads_cross_gram(self) -> bool:
+        """Whether the method reads G = X~^T X itself: the plain path's kernels (gpfq; spfq's plain and best paths
+        without perfect alignment). The others read G only as W G^T, which the capture can build more cheaply
+        (gram.Grams' weight form)."""
+        q = self.quant
+        return self.method == "gpfq" or (self.method == "spfq" and q.route != "projected" and not q.perfect_alignment)
+
     def _default_format(self) -> str:
         """The output format when none is given (see `format`)."""
         if self.quant.bits is None:

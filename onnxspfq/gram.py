@@ -1,7 +1,8 @@
-"""Gram statistics of a layer's inputs: H = X~^T X~, G = X~^T X, F = X^T X, accumulated batch by batch."""
+"""Gram statistics of a layer's inputs: H = X~^T X~, G = X~^T X, F = X^T X, accumulated batch by batch (or, in the
+weight form, H with only W G^T and w^T F w: Grams)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
 
 import numpy as np
 
@@ -11,24 +12,39 @@ from onnxspfq.kernels import gather_planes
 GROUP_CHUNK_VALUES = 1 << 20  # values per operand of one batched group product (8 MB float64)
 
 
-@dataclass
 class Grams:
     """Second-order statistics of one weight matrix's inputs (one Conv group, or the whole MatMul input).
 
     X (m x N0) is the layer input in the float model, X~ the same in the partially compressed model.
     H[t, j] = <X~_t, X~_j>, G[t, j] = <X~_t, X_j>, F[t, j] = <X_t, X_j>, all float64; m counts rows seen.
+
+    Weight form (`weight` given: the (N1, N0) rows of the one weight these Grams serve): G and F are not built;
+    only what a method reads of them when it does not run the plain path's kernels is, WG = W G^T = Y^T X~ and
+    wFw = ||X w_n||^2 = column norms of Y, from the layer's float output Y = X W^T. That costs 2 m N0 N1 where G
+    and F cost 1.5 m N0^2 (the capture picks it where cheaper: FFN down projections, a CNN's 1 x 1 projections,
+    depthwise groups). G and F are then None.
     """
 
-    n0: int
-    H: np.ndarray = field(init=False)
-    G: np.ndarray = field(init=False)
-    F: np.ndarray = field(init=False)
-    m: int = 0
+    def __init__(self, n0: int, weight: np.ndarray | None = None) -> None:
+        self.n0, self.m = n0, 0
+        self.H = np.zeros((n0, n0))
+        self.same = True  # every row added had X~ = X
+        if weight is None:
+            self.G, self.F = np.zeros((n0, n0)), np.zeros((n0, n0))
+            self.WG = self.wFw = self._Wt = self._print = None
+            return
+        W = np.asarray(weight, dtype=np.float64)
+        if W.ndim != 2 or W.shape[1] != n0:
+            raise ValueError(f"weight must be (N1, {n0}), got {W.shape}")
+        self.G = self.F = None
+        self._Wt = np.ascontiguousarray(W.T)
+        self._print = _fingerprint(W)
+        self.WG, self.wFw = np.zeros(W.shape), np.zeros(W.shape[0])
 
-    def __post_init__(self) -> None:
-        self.H = np.zeros((self.n0, self.n0))
-        self.G = np.zeros((self.n0, self.n0))
-        self.F = np.zeros((self.n0, self.n0))
+    @property
+    def weighted(self) -> bool:
+        """Whether these Grams are in the weight form (see the class docstring)."""
+        return self.G is None
 
     def add(self, X: np.ndarray, Xt: np.ndarray) -> None:
         """Fold one batch of rows (X from the float model, Xt = X~ from the compressed one) into the Grams."""
@@ -38,14 +54,50 @@ class Grams:
         if X.shape != Xt.shape or X.ndim != 2 or X.shape[1] != self.n0:
             raise ValueError(f"expected two (m, {self.n0}) arrays, got {X.shape} and {Xt.shape}")
         with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: prepared.prepare names the problem
-            F = X.T @ X
-            self._fold(F, F if same else Xt.T @ Xt, F if same else Xt.T @ X, X.shape[0])
+            H = Xt.T @ Xt
+            if self.weighted:
+                Y = X @ self._Wt
+                self._fold(H, X.shape[0], same, Y.T @ Xt, np.einsum("ij,ij->j", Y, Y))
+            else:
+                self._fold(H, X.shape[0], same, H if same else Xt.T @ X, H if same else X.T @ X)
 
-    def _fold(self, F: np.ndarray, H: np.ndarray, G: np.ndarray, m: int) -> None:
-        self.F += F
+    def _fold(self, H: np.ndarray, m: int, same: bool, *parts: np.ndarray) -> None:
+        """Add one product's H and its other parts: (G, F), or in the weight form (W G^T, w^T F w)."""
         self.H += H
-        self.G += G
+        for acc, part in zip((self.WG, self.wFw) if self.weighted else (self.G, self.F), parts):
+            np.add(acc, part, out=acc)
         self.m += m
+        self.same &= same
+
+    def w_F_w(self, W: np.ndarray) -> np.ndarray:
+        """||X w_n||^2 per row of W (float64 (N1,)); in the weight form W must be the rows the Grams were built for."""
+        if not self.weighted:
+            return np.einsum("ij,ij->i", W @ self.F, W)
+        self._check(W)
+        return self.wFw
+
+    def W_Gt(self, W: np.ndarray) -> np.ndarray:
+        """W G^T (N1, N0): row n is (G w_n)^T; in the weight form W must be the rows the Grams were built for."""
+        if not self.weighted:
+            return W @ self.G.T
+        self._check(W)
+        return self.WG
+
+    def rows(self, part: slice, offset: int = 0) -> "Grams":
+        """These Grams for the weight rows `part` (numbered from `offset`: a Conv group's first row) when a method
+        runs a chunk of the rows; the same object outside the weight form."""
+        lo, hi = part.start - offset, part.stop - offset
+        if not self.weighted or (lo, hi) == (0, self.wFw.size):
+            return self
+        g = copy.copy(self)
+        g.WG, g.wFw, g._print, g._Wt = self.WG[lo:hi], self.wFw[lo:hi], self._print[lo:hi], None
+        return g
+
+    def _check(self, W: np.ndarray) -> None:
+        # a relative tolerance, not equality: the same rows summed from another memory layout may round differently
+        if W.shape != self.WG.shape or not np.allclose(_fingerprint(W), self._print, rtol=1e-9, atol=0.0):
+            raise ValueError(f"these Grams were built for another weight (weight form, {self.WG.shape}): pass the "
+                             f"rows they were built for ({W.shape} given)")
 
     @staticmethod
     def add_groups(grams: list["Grams"], X: np.ndarray, Xt: np.ndarray) -> None:
@@ -59,6 +111,7 @@ class Grams:
             grams[0].add(X, Xt)
             return
         g, n0 = len(grams), grams[0].n0
+        weighted = grams[0].weighted
         same = Xt is X
         m = X.shape[0]
         step = max(1, GROUP_CHUNK_VALUES // max(m * n0, 1))
@@ -71,12 +124,18 @@ class Grams:
             for lo in range(0, g, step):
                 hi = min(g, lo + step)
                 a = np.ascontiguousarray(X3[lo:hi], dtype=np.float64)  # (groups, n0, m)
-                F = a @ a.transpose(0, 2, 1)
-                if not same:
-                    b = np.ascontiguousarray(Xt3[lo:hi], dtype=np.float64)
-                    H, G = b @ b.transpose(0, 2, 1), b @ a.transpose(0, 2, 1)
+                b = a if same else np.ascontiguousarray(Xt3[lo:hi], dtype=np.float64)
+                H = b @ b.transpose(0, 2, 1)
+                if weighted:  # Y per group: (groups, m, n1) from each group's own (n0, n1) weight rows
+                    Y = a.transpose(0, 2, 1) @ np.stack([gr._Wt for gr in grams[lo:hi]])
+                    WG, wFw = Y.transpose(0, 2, 1) @ b.transpose(0, 2, 1), np.einsum("gij,gij->gj", Y, Y)
+                    for i in range(hi - lo):
+                        grams[lo + i]._fold(H[i], m, same, WG[i], wFw[i])
+                    continue
+                G = H if same else b @ a.transpose(0, 2, 1)
+                F = H if same else a @ a.transpose(0, 2, 1)
                 for i in range(hi - lo):
-                    grams[lo + i]._fold(F[i], F[i] if same else H[i], F[i] if same else G[i], m)
+                    grams[lo + i]._fold(H[i], m, same, G[i], F[i])
 
     @classmethod
     def identity(cls, n0: int) -> "Grams":
@@ -88,11 +147,17 @@ class Grams:
         return g
 
     @classmethod
-    def from_data(cls, X: np.ndarray, Xt: np.ndarray | None = None) -> "Grams":
-        """Grams of one in-memory pair (X~ = X when Xt is None)."""
-        g = cls(X.shape[1])
+    def from_data(cls, X: np.ndarray, Xt: np.ndarray | None = None, weight: np.ndarray | None = None) -> "Grams":
+        """Grams of one in-memory pair (X~ = X when Xt is None), in the weight form when `weight` is given."""
+        g = cls(X.shape[1], weight)
         g.add(X, X if Xt is None else Xt)
         return g
+
+
+def _fingerprint(W: np.ndarray) -> np.ndarray:
+    """Per-row sums of squares: what the weight form checks a method's rows against."""
+    W = np.asarray(W, dtype=np.float64)
+    return np.einsum("ij,ij->i", W, W)
 
 
 # ------------------------------------------------------------------------------------------------ im2col (Conv)

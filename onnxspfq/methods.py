@@ -57,7 +57,7 @@ def _perfect_align(L: Prepared, damp: float) -> np.ndarray:
         return np.zeros_like(L.W)
     eps = (damp if damp > 0 else 1e-8) * mean_d
     A = L.H + eps * np.eye(L.H.shape[0])
-    return np.ascontiguousarray(np.linalg.solve(A, L.G @ L.W.T).T)
+    return np.ascontiguousarray(np.linalg.solve(A, L.WG.T).T)
 
 
 def _ridge_align(L: Prepared, ridge: float) -> np.ndarray:
@@ -66,7 +66,7 @@ def _ridge_align(L: Prepared, ridge: float) -> np.ndarray:
     GPTQ on it lost 2 points on the Fashion-MNIST CNN at 8 bits), ridge -> inf is W itself (OPTQ)."""
     eps = ridge * float(L.d.mean())
     A = L.H + eps * np.eye(L.H.shape[0])
-    return np.ascontiguousarray(np.linalg.solve(A, L.G @ L.W.T + eps * L.W.T).T)
+    return np.ascontiguousarray(np.linalg.solve(A, L.WG.T + eps * L.W.T).T)
 
 
 def _check_rng(rng) -> None:
@@ -94,13 +94,13 @@ def spfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     elif config.perfect_alignment:
         Wt = _perfect_align(L, config.damp)
     elif config.order > 1:
-        Wt = kernels.blocked_align(L.W, L.G, L.H, config.order)
+        Wt = kernels.blocked_align(L.W, L.cross(), L.H, config.order)
     else:
         Wt = None
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         if Wt is None:
-            return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
+            return kernels.blocked_merged(L.W[rows], L.cross(), L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
         return kernels.blocked_phase2(Wt[rows], L.H, xi, C, T, P, bs, groups=groups, nkeep=nkeep)
 
     T = _operator(config, config.T)
@@ -126,7 +126,7 @@ def gpfq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         if L.same:
             return kernels.blocked_phase2(L.W[rows], L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
-        return kernels.blocked_merged(L.W[rows], L.G, L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
+        return kernels.blocked_merged(L.W[rows], L.cross(), L.H, xi, 1.0, T, P, bs, groups=groups, nkeep=nkeep)
 
     return run("gpfq", L, config, rng, [Form("gpfq", core, _operator(config, "nearest"), False)], groups)
 

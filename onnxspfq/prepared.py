@@ -56,21 +56,24 @@ class LayerResult:
 class Prepared:
     W: np.ndarray
     H: np.ndarray
-    G: np.ndarray
-    F: np.ndarray
+    G: np.ndarray | None  # None when the Grams are in their weight form (only the plain path's kernels read G)
     d: np.ndarray
     same: bool  # X~ == X (G == H)
+    wFw: np.ndarray  # ||X w_n||^2 per row and W G^T: the Q-independent parts of the exact error
+    WG: np.ndarray
     perm: np.ndarray | None = None  # act-order: column t of this layer is column perm[t] of the caller's W
-    _wFw: np.ndarray | None = None  # cached w^T F w per row and W G^T: the Q-independent parts of the error
-    _WG: np.ndarray | None = None
 
     def error(self, Q: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(||X w_n - X~ q_n||^2, relative error) for Q = the rows `rows` (all when None) of the result."""
-        if self._wFw is None:
-            self._wFw = np.einsum("ij,ij->i", self.W @ self.F, self.W)
-            self._WG = self.W @ self.G.T
         r = slice(None) if rows is None else rows
-        return _error_terms(self._wFw[r], np.einsum("ij,ij->i", self._WG[r], Q), Q, self.H)
+        return _error_terms(self.wFw[r], np.einsum("ij,ij->i", self.WG[r], Q), Q, self.H)
+
+    def cross(self) -> np.ndarray:
+        """G itself, for the plain path's kernels (the capture builds it for the layers whose method runs them)."""
+        if self.G is None:
+            raise OnnxspfqError("internal error: this method runs the plain path, which reads G, but the Grams hold "
+                                "only W G^T (weight form); please report this")
+        return self.G
 
 
 # Core: (rows, T, xi, P, bs, C, groups, nkeep) -> (Q, V) on W[rows]; built once per call (shared preparation).
@@ -78,7 +81,7 @@ Core = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
-    """W and the Grams as the methods use them: float64, H and F symmetrised, G = H when X~ = X, act-order applied."""
+    """W and the Grams as the methods use them: float64, H symmetrised, G = H when X~ = X, act-order applied."""
     W = np.asarray(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
         raise OnnxspfqError(f"weight must be a non-empty 2-D (N1, N0) matrix, got shape {W.shape}: reshape it first")
@@ -88,34 +91,37 @@ def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
     W = np.ascontiguousarray(W, dtype=np.float64)
     if not np.all(np.isfinite(W)):
         raise OnnxspfqError("weight contains NaN or Inf: fix the model's initializer before compressing")
-    H, G, F = (np.asarray(a, dtype=np.float64) for a in (stats.H, stats.G, stats.F))
-    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
+    H = np.asarray(stats.H, dtype=np.float64)
+    G = None if stats.weighted else np.asarray(stats.G, dtype=np.float64)
+    if not (np.all(np.isfinite(H)) and (np.all(np.isfinite(G)) if G is not None else
+                                        np.all(np.isfinite(stats.WG)))):
         raise OnnxspfqError("its inputs hold NaN or Inf on the calibration data: the model overflows (or divides by "
                             "zero) before this layer, as the calibration data itself is finite; feed data in the "
                             "range the model expects (e.g. normalised as at training)")
     H = np.ascontiguousarray(0.5 * (H + H.T))
-    scale = np.abs(H).max()
-    same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * scale)
-    G = H if same else np.ascontiguousarray(G)
-    F = 0.5 * (F + F.T)
+    if G is None:  # as G == H below: a group whose inputs are all zero counts as X~ = X (nothing to align)
+        same = stats.same or not H.any()
+    else:
+        same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * np.abs(H).max())
+        G = H if same else np.ascontiguousarray(G)
+    wFw = stats.w_F_w(W) if G is None else np.einsum("ij,ij->i", W @ (0.5 * (stats.F + stats.F.T)), W)
+    WG = stats.W_Gt(W) if G is None else None
     perm = None
     if act_order:
         perm = np.argsort(-np.diag(H), kind="stable")
-        W, H, G, F = (np.ascontiguousarray(a) for a in (W[:, perm], H[np.ix_(perm, perm)],
-                                                         G[np.ix_(perm, perm)], F[np.ix_(perm, perm)]))
-        G = H if same else G
-    return Prepared(W, H, G, np.ascontiguousarray(F), np.diag(H).copy(), same, perm)
+        W, H = np.ascontiguousarray(W[:, perm]), np.ascontiguousarray(H[np.ix_(perm, perm)])
+        G = None if G is None else (H if same else np.ascontiguousarray(G[np.ix_(perm, perm)]))
+        WG = None if WG is None else np.ascontiguousarray(WG[:, perm])
+    if WG is None:
+        WG = W @ G.T
+    return Prepared(W, H, G, np.diag(H).copy(), same, wFw, WG, perm)
 
 
 def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-neuron (||Xw - X~q||^2, relative error) from the Grams: w^T F w - 2 q^T G w + q^T H q."""
     W = np.asarray(W, dtype=np.float64)
     Q = np.asarray(Q, dtype=np.float64)
-    return _error(W, Q, stats.H, stats.G, stats.F)
-
-
-def _error(W, Q, H, G, F):
-    return _error_terms(np.einsum("ij,ij->i", W @ F, W), np.einsum("ij,ij->i", W @ G.T, Q), Q, H)
+    return _error_terms(stats.w_F_w(W), np.einsum("ij,ij->i", stats.W_Gt(W), Q), Q, stats.H)
 
 
 def _error_terms(wFw, qGw, Q, H):

@@ -166,11 +166,12 @@ def _fit_kappa(run: Callable[[float], tuple], target: float, k0: float, factor: 
     return best[1], best[2]
 
 
-def refit_scale(codes: np.ndarray, scale: np.ndarray, W: np.ndarray, H: np.ndarray, G: np.ndarray) -> np.ndarray:
+def refit_scale(codes: np.ndarray, scale: np.ndarray, WG: np.ndarray, H: np.ndarray) -> np.ndarray:
     """ALGORITHM Section 6: for fixed integer codes k_n the step minimising ||X w_n - X~ k_n delta||^2 is
-    delta_n = k_n^T G w_n / k_n^T H k_n. Rows where that is not a positive finite number keep their step."""
+    delta_n = k_n^T G w_n / k_n^T H k_n (WG = W G^T: row n is (G w_n)^T). Rows where that is not a positive finite
+    number keep their step."""
     K = codes.astype(np.float64)
-    num = np.einsum("ij,ij->i", K @ G, W)
+    num = np.einsum("ij,ij->i", K, WG)
     den = np.einsum("ij,ij->i", K @ H, K)
     with np.errstate(divide="ignore", invalid="ignore"):
         best = num / den
@@ -366,7 +367,7 @@ class Search:
             codes, Q = codes_of(Qk, st.scale, st.bs, config.bits)
             scale = np.ascontiguousarray(st.scale, dtype=np.float64)
             if config.refit_scale and scale.shape[1] == 1 and self.name != "rtn":  # rtn stays the data-free baseline
-                scale = refit_scale(codes, scale, L.W, L.H, L.G)
+                scale = refit_scale(codes, scale, L.WG, L.H)
                 Q = codes * scale
         else:
             codes, Q, scale = None, np.ascontiguousarray(Qk), None

@@ -431,3 +431,32 @@ def test_im2col_equals_the_reference_gather(shape, kernel, strides, pads, dilati
         got = im2col(x, kernel, strides, pads, dilations, rows)
         assert got.dtype == dtype
         assert np.array_equal(got, im2col_reference(x, kernel, strides, pads, dilations, rows))
+
+
+def test_weight_form_grams_hold_what_the_full_grams_give():
+    """Layers whose method does not read G (full_grams) get W G^T and w^T F w from their own float output instead
+    of G and F: the same figures as from the full Grams of the same capture, for dense, grouped and depthwise
+    Convs and a Gemm (X~ = X at the first layer); a layer that reads G, or one with N1 > N0 / 2, keeps G and F."""
+    model = fold_weight_chains(_residual_model())
+    layers, _ = find_layers(model)
+    batches = _batches()
+    w = {la.weight: la.tensor(_compress(la.matrix())) for la in layers[:3]}
+    full = Capture(model, layers, batches, max_patches=None)
+    lean = Capture(model, layers, batches, max_patches=None, full_grams={"conv2"})
+    for la, done in zip(layers, [{}, {layers[0].weight: w[layers[0].weight]},
+                                 {k: w[k] for k in list(w)[:2]}, w, w]):
+        ref, got = full.grams(la, done), lean.grams(la, done)
+        assert [g.weighted for g in got] == [la.name in ("conv1", "dw", "gemm")] * len(got), la.name
+        W = la.matrix()
+        for rows, g, r in zip(la.group_rows(), got, ref):
+            assert g.m == r.m and g.same == (la.name == "conv1")
+            np.testing.assert_allclose(g.H, r.H, rtol=1e-12)
+            np.testing.assert_allclose(g.W_Gt(W[rows]), r.W_Gt(W[rows]), rtol=1e-10, atol=1e-10 * np.abs(r.H).max())
+            np.testing.assert_allclose(g.w_F_w(W[rows]), r.w_F_w(W[rows]), rtol=1e-10)
+            if g.weighted:
+                assert g.G is None and g.F is None
+                with pytest.raises(ValueError, match="built for another weight"):
+                    g.W_Gt(W[rows] * 1.5)
+                half = slice(rows.start, rows.start + (rows.stop - rows.start) // 2 or 1)
+                np.testing.assert_array_equal(g.rows(half, rows.start).W_Gt(W[half]),
+                                              g.W_Gt(W[rows])[: half.stop - half.start])

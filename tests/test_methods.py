@@ -12,7 +12,7 @@ import pytest
 from onnxspfq import kernels as K
 from onnxspfq import reference as R
 from onnxspfq import operators as op
-from onnxspfq.config import QuantConfig
+from onnxspfq.config import CompressConfig, QuantConfig
 from onnxspfq.errors import OnnxspfqError
 from onnxspfq.gram import Grams
 from onnxspfq.methods import FEW_ROWS_DAMP, METHODS, gptq, spfq
@@ -254,7 +254,7 @@ def test_real_patches_blocked_equals_direct(C):
 def test_refit_scale_never_increases_the_exact_error():
     """Section 6 re-fit: for the codes path following chose, the re-fitted step is the least-squares optimum,
     so the exact Gram error of every row can only fall."""
-    from onnxspfq.config import QuantConfig
+    from onnxspfq.config import CompressConfig, QuantConfig
     from onnxspfq.gram import Grams
     from onnxspfq.methods import spfq
 
@@ -370,3 +370,32 @@ def test_best_path_keeps_per_row_the_smaller_exact_error():
     np.testing.assert_array_equal(Qb, np.where(won[:, None], Qj, Qp))
     np.testing.assert_array_equal(best.sq_error, np.minimum(plain.sq_error, proj.sq_error))
     assert best.form_row.tolist() == np.where(won, "projected", "plain").tolist()
+
+
+@pytest.mark.parametrize("name, cfg", [("spfq", QuantConfig(bits=4)), ("spfq", QuantConfig(bits=3, refit_scale=True)),
+                                       ("gptq", QuantConfig(bits=4)), ("rtn", QuantConfig(bits=4)),
+                                       ("spfq", QuantConfig(bits=4, perfect_alignment=True, path="plain"))])
+def test_methods_on_weight_form_grams_match_the_full_grams(name, cfg):
+    """Grams holding only W G^T and w^T F w (gram.Grams' weight form) give the methods that do not read G the
+    same result as the full Grams, to rounding: the same codes on all but a rare tie, the same steps and errors."""
+    W, X, Xt, full = _random_layer(seed=3, m=400, n0=48, n1=16)
+    lean = Grams.from_data(X, Xt, weight=W)
+    assert lean.G is None and lean.F is None
+    assert not CompressConfig(method=name, quant=cfg).reads_cross_gram
+    Q1, a = METHODS[name](W, full, cfg, np.random.default_rng(0))
+    Q2, b = METHODS[name](W, lean, cfg, np.random.default_rng(0))
+    assert np.mean(a.codes == b.codes) >= 0.99
+    np.testing.assert_allclose(b.scale, a.scale, rtol=1e-9)
+    np.testing.assert_allclose(b.sq_error, layer_error(W, Q2, full)[0], rtol=1e-9)
+    np.testing.assert_allclose(b.sq_error.sum(), a.sq_error.sum(), rtol=1e-6)
+
+
+def test_plain_path_refuses_weight_form_grams():
+    """The plain path's kernels read G itself: handed weight-form Grams, a method says so instead of guessing."""
+    W, X, Xt, _ = _random_layer(seed=4)
+    lean = Grams.from_data(X, Xt, weight=W)
+    for name, cfg in [("gpfq", QuantConfig(bits=4)), ("spfq", QuantConfig(bits=4, path="plain"))]:
+        with pytest.raises(OnnxspfqError, match="reads G"):
+            METHODS[name](W, lean, cfg, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="built for another weight"):
+        spfq(W[:4], lean, QuantConfig(bits=4), np.random.default_rng(0))
