@@ -69,6 +69,9 @@ def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressCo
     kwargs = {"nm_groups": groups} if groups is not None else {}
     if config.auto_C and config.method == "spfq":
         kwargs["auto_C"] = True
+    if _one_row_groups(layer, grams, quant):  # a depthwise Conv: all its groups in one call (Grams.stack)
+        Q, info = method(W, Grams.stack(grams), quant, rng, **kwargs)
+        return Q.astype(np.float32), info, "; ".join(notes), quant
     Q = np.empty(W.shape, dtype=np.float32)  # what is emitted and fed on; the float64 result is cast per chunk
     parts = []
     for rows, stats in zip(layer.group_rows(), grams):
@@ -77,6 +80,14 @@ def _quantize_layer(layer: Layer, W: np.ndarray, grams: list, config: CompressCo
             parts.append(info)
     info = parts[0] if len(parts) == 1 else _stack(parts)
     return Q, info, "; ".join(notes), quant
+
+
+def _one_row_groups(layer: Layer, grams: list, quant) -> bool:
+    """Whether the layer's groups can run as one call on stacked Grams: one output row per group, Grams in the
+    weight form (so no kernel reads G), and every choice per row (no per-layer step, no pruning threshold fitted
+    per call); the rows then give what one call per group gives (tests/test_methods.py)."""
+    return (len(grams) > 1 and layer.n1 == len(grams) and all(g.weighted for g in grams)
+            and quant.granularity == "channel" and not quant.sparsity and quant.nm is None)
 
 
 # Rows per method call are capped at this many weights: output neurons are independent path-following (and GPTQ)

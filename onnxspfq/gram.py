@@ -100,6 +100,23 @@ class Grams:
                              f"rows they were built for ({W.shape} given)")
 
     @staticmethod
+    def stack(grams: list["Grams"]) -> "Grams":
+        """One Grams for many one-row problems (a depthwise Conv's groups, weight form, one output row each): row n
+        with its own H (N1, N0, N0), W G^T and w^T F w, so a method runs all of them in one call. Why: one call per
+        group pays a method's fixed Python and numpy overhead per group (EfficientNet-Lite0 has 8,960; RESULTS.md
+        section 18)."""
+        if not all(g.weighted and g.wFw.size == 1 and g.n0 == grams[0].n0 and g.m == grams[0].m for g in grams):
+            raise ValueError("Grams.stack takes weight-form Grams of one row each, of one N0 and row count")
+        g = copy.copy(grams[0])
+        g.H = np.stack([x.H for x in grams])
+        g.WG = np.concatenate([x.WG for x in grams])
+        g.wFw = np.concatenate([x.wFw for x in grams])
+        g._print = np.concatenate([x._print for x in grams])
+        g._Wt = None
+        g.same = all(x.same for x in grams)
+        return g
+
+    @staticmethod
     def add_groups(grams: list["Grams"], X: np.ndarray, Xt: np.ndarray) -> None:
         """Fold rows into the Grams of each group: group g's columns are [g * n0, (g + 1) * n0) of X and Xt (a
         grouped Conv). Groups go through batched products, a few at a time (GROUP_CHUNK_VALUES per operand, cast

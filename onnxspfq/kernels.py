@@ -493,6 +493,23 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
     return Q, V
 
 
+def gptq_rows(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray, T, P: np.ndarray,
+              bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ with one factor per row: row n runs with U[n] (N1, N0, N0) and live[n] (N1, N0), one sequential sweep
+    over its columns (Grams.stack: a depthwise Conv's one-row groups, N0 = 9 or 25, so no blocking). Row n equals
+    gptq_blocked on that row alone with U[n] (tests/test_kernels.py)."""
+    W = np.array(W, dtype=np.float64, copy=True)
+    U, live = _f64(U), np.ascontiguousarray(live, dtype=np.bool_)
+    N1, N0 = W.shape
+    Q, V, Err = np.zeros((N1, N0)), np.zeros((N1, N0)), np.zeros((N1, N0))
+    xi, P = _f64(xi), _f64(P)
+    gstart, grp = _group_arrays(None, N0)
+    for n in range(N1):
+        r = slice(n, n + 1)
+        _gptq_block(W[r], U[n], live[n], xi[r], T, P[r], int(bs), 0, N0, Q[r], V[r], Err[r], gstart, grp, 0)
+    return Q, V
+
+
 def _touched(shape, dtype=np.float64) -> np.ndarray:
     """A zero array whose pages are already mapped. Lazily mapped pages (np.empty / np.zeros of large arrays)
     made every column-slice sweep pay page faults inside the parallel loop (measured ~10x slower sweeps)."""

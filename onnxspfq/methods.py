@@ -64,6 +64,12 @@ def _ridge_align(L: Prepared, ridge: float) -> np.ndarray:
     """Phase I of the projected path: W~ = argmin ||X w - X~ v||^2 + ridge * mean(diag H) ||v - w||^2 per row, i.e.
     (H + eps I) w~ = G w + eps w. ridge 0 is perfect alignment (which fits the calibration set's X -> X~ map:
     GPTQ on it lost 2 points on the Fashion-MNIST CNN at 8 bits), ridge -> inf is W itself (OPTQ)."""
+    if L.H.ndim == 3:  # one H per row (Grams.stack); a row whose inputs are all zero keeps w (nothing to align)
+        eps = ridge * L.d.mean(axis=1)
+        dead = eps <= 0
+        A = L.H + np.where(dead, 1.0, eps)[:, None, None] * np.eye(L.H.shape[1])
+        b = np.where(dead[:, None], L.W, L.WG + eps[:, None] * L.W)
+        return np.ascontiguousarray(np.linalg.solve(A, b[:, :, None])[:, :, 0])
     eps = ridge * float(L.d.mean())
     A = L.H + eps * np.eye(L.H.shape[0])
     return np.ascontiguousarray(np.linalg.solve(A, L.WG.T + eps * L.W.T).T)
@@ -160,26 +166,33 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     # Standard OPTQ: quantize W itself with the Hessian of the compressed model's inputs X~. Quantizing the
     # least-squares aligned W~ = (H + eps I)^-1 G w instead fits the calibration set's X -> X~ map and lost 2 points
     # of test accuracy on the Fashion-MNIST CNN even at 8 bits (89.7 % vs 91.7 %, docs/RESULTS_models.md).
-    target = np.ascontiguousarray(np.where(live[None, :], W, 0.0))
+    target = np.ascontiguousarray(np.where(live if live.ndim == 2 else live[None, :], W, 0.0))
     Hd = H.copy()
-    dead = np.flatnonzero(~live)
-    Hd[dead, dead] = 1.0
-    mean_d = float(d[live].mean()) if live.any() else 1.0
-    Hd[np.diag_indices_from(Hd)] += damp * mean_d
+    diag = np.einsum("...ii->...i", Hd)  # a writable view of the diagonal(s): one H, or one per row (Grams.stack)
+    if live.ndim == 1:
+        mean_d = float(d[live].mean()) if live.any() else 1.0
+    else:  # per row; a row with no live column: 1
+        n_live = live.sum(axis=1)
+        mean_d = (np.where(live, d, 0.0).sum(axis=1) / np.maximum(n_live, 1))[:, None]
+        mean_d[n_live == 0] = 1.0
+    diag[~live] = 1.0
+    diag += damp * mean_d
     try:
         # U, the upper factor of H^-1 = U^T U, from ONE Cholesky: with J the reversal, J H J = R R^T gives
         # H^-1 = (J R^-1 J)^T (J R^-1 J), and J R^-1 J is upper. The Cholesky of the explicit inverse that GPTQ's
         # reference code takes costs a GEMM and a second factorisation more (same U to 1e-15 relative); this
         # O(N0^3) setup outweighs the path following (O(N1 N0^2) per candidate) in layers with N0 > N1.
-        U = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(Hd[::-1, ::-1]))[::-1, ::-1])
+        U = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(Hd[..., ::-1, ::-1]))[..., ::-1, ::-1])
     except np.linalg.LinAlgError:
         raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None
 
     def core(rows, T, xi, P, bs, C, groups, nkeep):
+        if U.ndim == 3:
+            return kernels.gptq_rows(target[rows], U[rows], live[rows], xi, T, P, bs)
         return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
 
-    return core, (target, np.where(live, 1.0 / np.diag(U) ** 2, 0.0))
+    return core, (target, np.where(live, 1.0 / np.einsum("...ii->...i", U) ** 2, 0.0))
 
 
 def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,

@@ -66,7 +66,8 @@ class Prepared:
     def error(self, Q: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(||X w_n - X~ q_n||^2, relative error) for Q = the rows `rows` (all when None) of the result."""
         r = slice(None) if rows is None else rows
-        return _error_terms(self.wFw[r], np.einsum("ij,ij->i", self.WG[r], Q), Q, self.H)
+        return _error_terms(self.wFw[r], np.einsum("ij,ij->i", self.WG[r], Q), Q, self.H if self.H.ndim == 2
+                            else self.H[r])
 
     def cross(self) -> np.ndarray:
         """G itself, for the plain path's kernels (the capture builds it for the layers whose method runs them)."""
@@ -98,7 +99,7 @@ def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
         raise OnnxspfqError("its inputs hold NaN or Inf on the calibration data: the model overflows (or divides by "
                             "zero) before this layer, as the calibration data itself is finite; feed data in the "
                             "range the model expects (e.g. normalised as at training)")
-    H = np.ascontiguousarray(0.5 * (H + H.T))
+    H = np.ascontiguousarray(0.5 * (H + np.swapaxes(H, -1, -2)))
     if G is None:  # as G == H below: a group whose inputs are all zero counts as X~ = X (nothing to align)
         same = stats.same or not H.any()
     else:
@@ -107,14 +108,34 @@ def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
     wFw = stats.w_F_w(W) if G is None else np.einsum("ij,ij->i", W @ (0.5 * (stats.F + stats.F.T)), W)
     WG = stats.W_Gt(W) if G is None else None
     perm = None
-    if act_order:
+    if act_order and H.ndim == 3:  # one H per row (Grams.stack): each row in its own act-order
+        perm = np.argsort(-np.diagonal(H, axis1=1, axis2=2), axis=1, kind="stable")
+        n = np.arange(H.shape[0])[:, None]
+        W, WG = np.take_along_axis(W, perm, 1), np.take_along_axis(WG, perm, 1)
+        H = np.ascontiguousarray(H[n[:, :, None], perm[:, :, None], perm[:, None, :]])
+    elif act_order:
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = np.ascontiguousarray(W[:, perm]), np.ascontiguousarray(H[np.ix_(perm, perm)])
         G = None if G is None else (H if same else np.ascontiguousarray(G[np.ix_(perm, perm)]))
         WG = None if WG is None else np.ascontiguousarray(WG[:, perm])
     if WG is None:
         WG = W @ G.T
-    return Prepared(W, H, G, np.diag(H).copy(), same, wFw, WG, perm)
+    return Prepared(W, H, G, np.diagonal(H, axis1=-2, axis2=-1).copy(), same, wFw, WG, perm)
+
+
+def unpermute(A: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """A (N1, N0) in act-order back to the caller's column order (perm: one order, or one per row)."""
+    if perm is None:
+        return A
+    inv = np.argsort(perm, axis=-1)
+    return np.ascontiguousarray(np.take_along_axis(A, inv, 1) if perm.ndim == 2 else A[:, inv])
+
+
+def quad(Q: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """q_n^T H q_n per row: one H (N0, N0) for all rows, or one per row (N1, N0, N0: Grams.stack)."""
+    if H.ndim == 3:
+        return np.einsum("ij,ij->i", np.matmul(H, Q[:, :, None])[:, :, 0], Q)
+    return np.einsum("ij,ij->i", Q @ H, Q)
 
 
 def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +146,7 @@ def layer_error(W: np.ndarray, Q: np.ndarray, stats: Grams) -> tuple[np.ndarray,
 
 
 def _error_terms(wFw, qGw, Q, H):
-    qHq = np.einsum("ij,ij->i", Q @ H, Q)
+    qHq = quad(Q, H)
     sq = np.maximum(wFw - 2.0 * qGw + qHq, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(wFw > 0, sq / np.where(wFw > 0, wFw, 1.0), np.where(sq > 0, np.inf, 0.0))

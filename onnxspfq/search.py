@@ -42,7 +42,7 @@ import numpy as np
 
 from onnxspfq.config import QuantConfig, levels
 from onnxspfq.operators import grid_params, prune_params, step_sizes
-from onnxspfq.prepared import Core, LayerResult, Prepared, codes_of
+from onnxspfq.prepared import Core, LayerResult, Prepared, codes_of, quad, unpermute
 
 SEARCH_ROWS = 64
 CANDIDATES = {
@@ -90,10 +90,10 @@ def _nearest_on_grid(W: np.ndarray, scale: np.ndarray, bs: int, bits: int) -> np
 
 def _clip_fraction(V: np.ndarray, P: np.ndarray, bs: int, live: np.ndarray) -> float:
     lim = np.repeat(P[..., 0] * P[..., 1], bs, axis=1)[:, : V.shape[1]]
-    cols = np.flatnonzero(live)
-    if cols.size == 0:
+    mask = np.broadcast_to(live, V.shape)  # live: per column, or per row and column (Grams.stack)
+    if not mask.any():
         return 0.0
-    return float(np.mean(np.abs(V[:, cols]) > lim[:, cols]))
+    return float(np.mean(np.abs(V[mask]) > lim[mask]))
 
 
 def _candidates(config: QuantConfig, stochastic: bool) -> tuple[float, ...]:
@@ -172,7 +172,7 @@ def refit_scale(codes: np.ndarray, scale: np.ndarray, WG: np.ndarray, H: np.ndar
     number keep their step."""
     K = codes.astype(np.float64)
     num = np.einsum("ij,ij->i", K, WG)
-    den = np.einsum("ij,ij->i", K @ H, K)
+    den = quad(K, H)
     with np.errstate(divide="ignore", invalid="ignore"):
         best = num / den
     ok = np.isfinite(best) & (best > 0)
@@ -272,7 +272,8 @@ class Search:
         loss = np.empty((len(settings), self.N1))
         for i, st in enumerate(settings):
             target, weight = self.forms[st.form].proxy
-            loss[i] = ((target - _nearest_on_grid(target, st.scale, st.bs, self.config.bits)) ** 2) @ weight
+            sq = (target - _nearest_on_grid(target, st.scale, st.bs, self.config.bits)) ** 2
+            loss[i] = sq @ weight if weight.ndim == 1 else np.einsum("ij,ij->i", sq, weight)  # per row: Grams.stack
         keep = np.zeros(loss.shape, dtype=bool)
         np.put_along_axis(keep, np.argsort(loss, axis=0, kind="stable")[:k], True, axis=0)
         return keep
@@ -363,7 +364,7 @@ class Search:
                 # Input columns never active on the calibration data do not constrain q; rounding w to nearest there
                 # (instead of the kernels' q = 0) costs nothing on that data and keeps the weight for inputs that do
                 # fire later: zeroing them cost EfficientNet-Lite0 most of its accuracy (docs/RESULTS.md).
-                Qk = np.where(live[None, :], Qk, _nearest_on_grid(L.W, st.scale, st.bs, config.bits))
+                Qk = np.where(live, Qk, _nearest_on_grid(L.W, st.scale, st.bs, config.bits))
             codes, Q = codes_of(Qk, st.scale, st.bs, config.bits)
             scale = np.ascontiguousarray(st.scale, dtype=np.float64)
             if config.refit_scale and scale.shape[1] == 1 and self.name != "rtn":  # rtn stays the data-free baseline
@@ -372,10 +373,8 @@ class Search:
         else:
             codes, Q, scale = None, np.ascontiguousarray(Qk), None
         sq, rel = L.error(Q)
-        if L.perm is not None:  # back to the caller's column order (errors and per-row figures do not depend on it)
-            inv = np.argsort(L.perm)
-            Q = np.ascontiguousarray(Q[:, inv])
-            codes = None if codes is None else np.ascontiguousarray(codes[:, inv])
+        # back to the caller's column order (errors and per-row figures do not depend on it)
+        Q, codes = unpermute(Q, L.perm), None if codes is None else unpermute(codes, L.perm)
         info = LayerResult(codes=codes, scale=scale, block_size=int(st.bs), rel_error=rel, sq_error=sq,
                            clip_fraction=_clip_fraction(V, P, st.bs, live), c_alpha=st.c_alpha, method=self.name,
                            bits=config.bits, C=float(st.C), sparsity=float(np.mean(Q == 0.0)),

@@ -460,3 +460,28 @@ def test_weight_form_grams_hold_what_the_full_grams_give():
                 half = slice(rows.start, rows.start + (rows.stop - rows.start) // 2 or 1)
                 np.testing.assert_array_equal(g.rows(half, rows.start).W_Gt(W[half]),
                                               g.W_Gt(W[rows])[: half.stop - half.start])
+
+
+def test_depthwise_groups_run_as_one_call_with_the_bytes_of_one_call_each(tmp_path, monkeypatch):
+    """compress() runs a depthwise Conv's one-row groups as one method call on stacked Grams (api._one_row_groups)
+    and emits what one call per group emits: the same codes, the same steps to rounding."""
+    import onnxspfq.api as api
+    from onnxspfq.api import compress
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_model(), path)
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([b["x"] for b in _batches(4)]))
+    taken = []
+    real = api._one_row_groups
+    monkeypatch.setattr(api, "_one_row_groups", lambda *a: taken.append(real(*a)) or taken[-1])
+    stacked = compress(str(path), str(tmp_path / "calib.npz"), str(tmp_path / "a.onnx"), progress=False)
+    assert taken.count(True) == 1  # the depthwise layer; conv2's groups have 4 rows each
+    monkeypatch.setattr(api, "_one_row_groups", lambda *a: False)
+    each = compress(str(path), str(tmp_path / "calib.npz"), str(tmp_path / "b.onnx"), progress=False)
+    a = {t.name: nh.to_array(t) for t in stacked.model.graph.initializer}
+    b = {t.name: nh.to_array(t) for t in each.model.graph.initializer}
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype.kind in "iu":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)

@@ -259,3 +259,21 @@ def test_blocked_float32_gemm_close_to_float64():
         np.testing.assert_allclose(f32[1], f64[1], rtol=0, atol=1e-4 * np.abs(f64[1]).max())
         assert np.mean(f32[0] == f64[0]) > 0.999
         assert not np.array_equal(f32[1], f64[1])  # the float32 path really ran
+
+
+def test_gptq_rows_runs_each_row_with_its_own_factor():
+    """gptq_rows (one U and live mask per row: Grams.stack) gives each row what gptq_blocked gives that row alone."""
+    rows = []
+    for seed in range(4):
+        X, _, W, xi = _problem(seed=20 + seed, n0=13, n1=1)
+        if seed == 1:
+            X[:, 3] = 0.0  # a dead column in one row only
+        U, live = gptq_factor(X)
+        rows.append((W, xi, U, live))
+    W, xi = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+    U, live = np.stack([r[2] for r in rows]), np.stack([r[3] for r in rows])
+    P, bs = _params(W, "nearest", block=False)
+    Q, V = K.gptq_rows(np.where(live, W, 0.0), U, live, xi, op.nearest_round, P, bs)
+    for n, (w, x, u, lv) in enumerate(rows):
+        q, v = K.gptq_blocked(np.where(lv, w, 0.0), u, lv, x, op.nearest_round, P[n:n + 1], bs)
+        assert np.array_equal(Q[n:n + 1], q) and np.array_equal(V[n:n + 1], v)

@@ -254,7 +254,7 @@ def test_real_patches_blocked_equals_direct(C):
 def test_refit_scale_never_increases_the_exact_error():
     """Section 6 re-fit: for the codes path following chose, the re-fitted step is the least-squares optimum,
     so the exact Gram error of every row can only fall."""
-    from onnxspfq.config import CompressConfig, QuantConfig
+    from onnxspfq.config import QuantConfig
     from onnxspfq.gram import Grams
     from onnxspfq.methods import spfq
 
@@ -399,3 +399,31 @@ def test_plain_path_refuses_weight_form_grams():
             METHODS[name](W, lean, cfg, np.random.default_rng(0))
     with pytest.raises(ValueError, match="built for another weight"):
         spfq(W[:4], lean, QuantConfig(bits=4), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name, cfg", [("spfq", QuantConfig(bits=4)), ("spfq", QuantConfig(bits=3)),
+                                       ("gptq", QuantConfig(bits=4)), ("rtn", QuantConfig(bits=4)),
+                                       ("spfq", QuantConfig(bits=4, refit_scale=True))])
+def test_stacked_one_row_problems_equal_one_call_each(name, cfg):
+    """Grams.stack (a depthwise Conv's one-row groups, each with its own Grams) in one method call gives every row
+    what a call on that row's own Grams gives: the same codes and steps (to rounding), the same exact errors; a
+    group whose inputs are all zero and a dead input column included."""
+    rng = np.random.default_rng(7)
+    grams, Ws = [], []
+    for g in range(12):
+        X = rng.standard_normal((300, 9)) * rng.uniform(0.1, 3.0)
+        Xt = X + 0.05 * rng.standard_normal(X.shape)
+        if g == 2:
+            X[:], Xt[:] = 0.0, 0.0
+        if g == 5:
+            X[:, 4], Xt[:, 4] = 0.0, 0.0
+        Ws.append(rng.standard_normal((1, 9)))
+        grams.append(Grams.from_data(X, Xt, weight=Ws[-1]))
+    one = [METHODS[name](w, g, cfg, np.random.default_rng(0)) for w, g in zip(Ws, grams)]
+    Q, info = METHODS[name](np.concatenate(Ws), Grams.stack(grams), cfg, np.random.default_rng(0))
+    np.testing.assert_array_equal(info.codes, np.concatenate([r[1].codes for r in one]))
+    np.testing.assert_allclose(info.scale, np.concatenate([r[1].scale for r in one]), rtol=1e-12)
+    np.testing.assert_allclose(Q, np.concatenate([r[0] for r in one]), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(info.sq_error, np.concatenate([r[1].sq_error for r in one]), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="one row each"):
+        Grams.stack([Grams.from_data(np.ones((5, 9)), weight=np.ones((2, 9)))] * 2)
