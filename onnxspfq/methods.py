@@ -155,6 +155,25 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
 FEW_ROWS_DAMP = 0.1
 
 
+def inv_lower(L: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular L (or a stack of them), by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
+    [-C^-1 B A^-1, C^-1]], the off-diagonal block two GEMMs, small blocks by np.linalg.inv. About N0^3 / 3 flops in
+    BLAS-3 where np.linalg.inv (LU, no scipy's trtri) takes 2 N0^3: the O(N0^3) setup of the projected path was
+    most of MiniLM-L6's method phase (RESULTS.md section 18). Entries above the diagonal are exactly zero."""
+    n = L.shape[-1]
+    if n <= INV_BLOCK:
+        return np.tril(np.linalg.inv(L))
+    h = n // 2
+    Ai, Ci = inv_lower(L[..., :h, :h]), inv_lower(L[..., h:, h:])
+    out = np.zeros_like(L)
+    out[..., :h, :h], out[..., h:, h:] = Ai, Ci
+    out[..., h:, :h] = -(Ci @ L[..., h:, :h]) @ Ai
+    return out
+
+
+INV_BLOCK = 128  # inv_lower's base case
+
+
 def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, target: np.ndarray | None = None):
     """The OPTQ core: W with the error of each quantized column projected onto the later columns through the
     upper Cholesky factor of the damped H^-1 (path following with each X~_t projected off the later columns).
@@ -182,7 +201,7 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
         # H^-1 = (J R^-1 J)^T (J R^-1 J), and J R^-1 J is upper. The Cholesky of the explicit inverse that GPTQ's
         # reference code takes costs a GEMM and a second factorisation more (same U to 1e-15 relative); this
         # O(N0^3) setup outweighs the path following (O(N1 N0^2) per candidate) in layers with N0 > N1.
-        U = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(Hd[..., ::-1, ::-1]))[..., ::-1, ::-1])
+        U = np.ascontiguousarray(inv_lower(np.linalg.cholesky(Hd[..., ::-1, ::-1]))[..., ::-1, ::-1])
     except np.linalg.LinAlgError:
         raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None

@@ -427,3 +427,19 @@ def test_stacked_one_row_problems_equal_one_call_each(name, cfg):
     np.testing.assert_allclose(info.sq_error, np.concatenate([r[1].sq_error for r in one]), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="one row each"):
         Grams.stack([Grams.from_data(np.ones((5, 9)), weight=np.ones((2, 9)))] * 2)
+
+
+@pytest.mark.parametrize("n", [7, 128, 129, 300])
+def test_inv_lower_is_the_inverse_of_a_lower_factor(n):
+    """inv_lower (by halves, GEMMs) equals np.linalg.inv on a Cholesky factor to rounding, one and stacked, with
+    exact zeros above the diagonal (the projected path's U is read from it)."""
+    from onnxspfq.methods import inv_lower
+    rng = np.random.default_rng(n)
+    A = rng.standard_normal((3, n, 2 * n))
+    L = np.linalg.cholesky(A @ A.transpose(0, 2, 1) / n + 0.01 * np.eye(n))
+    got = inv_lower(L)
+    ref = np.linalg.inv(L)
+    assert np.abs(got - np.tril(ref)).max() <= 1e-12 * np.abs(ref).max()
+    assert not np.triu(got, 1).any()
+    np.testing.assert_array_equal(inv_lower(L[1]), got[1])
+    np.testing.assert_allclose(got[0] @ L[0], np.eye(n), atol=1e-9)
