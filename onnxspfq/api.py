@@ -178,10 +178,10 @@ class _Run:
                        max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed,
                        progress=progress, token_mask=self.token_mask, act=act, full_grams=full_grams)
 
-    def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str]]:
+    def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str], set[str]]:
         """W8A8's tensors: (their ActScales, the layers whose input stays float and why, layer -> the output tensor
-        the target also quantizes). Float32 tensors of the main graph only (an If branch's own tensors cannot take
-        a main-graph QuantizeLinear)."""
+        the target also quantizes, the residual Adds' skip tensors it quantizes that no layer reads). Float32
+        tensors of the main graph only (an If branch's own tensors cannot take a main-graph QuantizeLinear)."""
         g = self.model.proto.graph
         main = {o for n in g.node for o in n.output} | {i.name for i in g.input}
         keep, left = set(), []
@@ -192,14 +192,16 @@ class _Run:
                 left.append((layer.name, f"input float: {np.dtype(layer.weight_dtype).name}, not float32"))
             else:
                 keep.add(layer.input)
-        outputs = targets.output_tensors(config, g, [layer for layer in self.layers if layer.input in keep])
+        quantized = [layer for layer in self.layers if layer.input in keep]
+        outputs = targets.output_tensors(config, g, quantized)
         # an output no layer input depends on is not quantized: the capture never computes it, and its Q would
         # only add error to what the model returns
         needed = upstream(g, [layer.input for layer in self.layers])
         outputs = {name: t for name, t in outputs.items() if t in needed and t in main}
-        tensors = keep | set(outputs.values())
+        skips = {t for t in targets.residual_inputs(config, g, quantized) if t in needed and t in main} - keep
+        tensors = keep | set(outputs.values()) | skips
         unsigned, shared = activations.layout(g, tensors, config.activations.dtype)
-        return ActScales(config.activations, tensors, unsigned, shared), left, outputs
+        return ActScales(config.activations, tensors, unsigned, shared), left, outputs, skips
 
 
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
@@ -226,10 +228,13 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
     bits = None if config.avg_bits is None else _mixed_bits(run, config, compare_output)
     act = None
     if config.activations is not None:
-        act, float_inputs, outputs = run.act_scales(config)
+        act, float_inputs, outputs, skips = run.act_scales(config)
         if outputs:
             run.plan.changed += (f"; {len(outputs)} Conv / Gemm outputs quantized too (onnxruntime runs "
                                  "DQ -> op -> Q as QLinearConv / QGemm)")
+        if skips:
+            run.plan.changed += (f"; the skip input of {len(skips)} residual Add(s) quantized too (TensorRT fuses "
+                                 "Conv -> Add into one INT8 kernel when the skip is int8)")
     done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config, run.plan)
     if config.opset is not None:
@@ -382,7 +387,7 @@ def _mixed_bits(run: _Run, config: CompressConfig, compare_output: str | None) -
         effect = mixed.measure(run.view, run.layers, measured, output, probe)
     finally:
         capture.close()
-    return {a.layer: a for a in mixed.allocate(run.layers, effect, config.avg_bits)}
+    return {a.layer: a for a in mixed.allocate(run.layers, effect, config.avg_bits, config.stored_bits)}
 
 
 def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_free: bool,

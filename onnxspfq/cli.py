@@ -50,9 +50,13 @@ def _compress_options(c: argparse.ArgumentParser) -> None:
                    "(default: MODEL.q.onnx beside the input)")
     c.add_argument("--bits", type=int, default=None, choices=BITS, help="stored bits per weight (2 = ternary, "
                    "1 = binary); default 4, or none (prune only) when --sparsity is given alone")
-    c.add_argument("--avg-bits", type=float, default=None, metavar="B", help="mixed precision: each layer gets 8, 4 "
-                   "or 2 bits by its measured effect on the model output, at most B stored bits per weight on "
-                   "average (e.g. 4 or 3; the report says what each layer got and why); instead of --bits")
+    c.add_argument("--avg-bits", type=float, default=None, metavar="B", help="mixed precision: each layer gets 8, 4, "
+                   "3 or 2 bits by its measured effect on the model output, at most B bits per weight on average in "
+                   "a file no larger than --bits ceil(B) gives (e.g. 4 or 3; the report says what each layer got and "
+                   "why); instead of --bits")
+    c.add_argument("--stored-bits", type=float, default=None, metavar="S", help="with --avg-bits: at most S "
+                   "stored bits per weight (3-bit codes store 4), for a file smaller than --bits ceil(B) gives; "
+                   "e.g. --avg-bits 3 --stored-bits 3 (then 3 bits is never chosen over 4)")
     c.add_argument("--sparsity", type=_sparsity, default=None, metavar="S|N:M", help="prune: a fraction of zero "
                    "weights per layer (e.g. 0.5, stochastic pruning), or N:M (e.g. 2:4) along the reduction axis "
                    "as TensorRT wants; with --bits, quantization and pruning run in one pass")
@@ -236,7 +240,8 @@ def _compress(a: argparse.Namespace) -> None:
     config = CompressConfig(method=a.method, quant=quant, seed=a.seed, samples=a.samples, batch_size=a.batch_size,
                             max_patches=a.max_patches, group_patches=a.group_patches,
                             token_mask=a.token_mask, activations=act, opset=a.opset,
-                            skip=skip, format=a.format, auto_C=a.auto_C, avg_bits=a.avg_bits, target=a.target,
+                            skip=skip, format=a.format, auto_C=a.auto_C, avg_bits=a.avg_bits, stored_bits=a.stored_bits,
+                            target=a.target,
                             accuracy_level=a.accuracy_level, embeddings=a.embeddings)
     out = a.out if a.out is not None else default_output(a.model)
     result = compress(a.model, a.calib, output=out, config=config, report_path=a.report, progress=not a.quiet,

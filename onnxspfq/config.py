@@ -283,9 +283,11 @@ class CompressConfig:
     # de-quantized weights to fp32 rounding)
     accuracy_level: int | None = None
     auto_C: bool = False
-    # bits per layer from mixed.CHOICES by each layer's measured effect on the output, at most this many stored
-    # bits per weight on average (mixed.py); None: every layer at quant.bits
+    # bits per layer from mixed.CHOICES by each layer's measured effect on the output, at most this many bits per
+    # weight on average in a file no larger than a uniform ceil(avg_bits) model's (mixed.py); None: quant.bits
     avg_bits: float | None = None
+    # --avg-bits' file bound: at most this many stored bits per weight; None: a uniform ceil(avg_bits) model's
+    stored_bits: float | None = None
     # W8A8: each compressed layer's input quantized too (int8 per tensor), the weights at 8 bits; None: weights only
     activations: ActConfig | None = None
     # the output's default-domain opset; None: the model's own, raised only as far as the stored weights need
@@ -331,8 +333,11 @@ class CompressConfig:
             raise OnnxspfqError(f"seed must be in 0..2**63-1, got {self.seed}: e.g. --seed 0")
         if self.avg_bits is not None:
             if not 2 <= self.avg_bits <= 8:
-                raise OnnxspfqError(f"--avg-bits must be in [2, 8] (stored bits per weight; each layer gets 8, 4 or "
-                                    f"2), got {self.avg_bits}: e.g. --avg-bits 4")
+                raise OnnxspfqError(f"--avg-bits must be in [2, 8] (bits per weight on average; each layer gets 8, "
+                                    f"4, 3 or 2), got {self.avg_bits}: e.g. --avg-bits 4")
+            if self.stored_bits is not None and not 2 <= self.stored_bits <= 8:
+                raise OnnxspfqError(f"--stored-bits must be in [2, 8] (stored bits per weight; 2-bit codes store 2), "
+                                    f"got {self.stored_bits}: e.g. --stored-bits 3")
             if self.quant.sparsity or self.quant.nm or self.quant.bits is None:
                 raise OnnxspfqError("--avg-bits assigns bits per layer to quantize, not to prune: drop --sparsity, "
                                     "or --avg-bits")
@@ -410,6 +415,8 @@ class CompressConfig:
         if self.auto_C and not plain:
             out.append(("--auto-C", f"only --method spfq has a C to choose ({m} does not)" if not spfq else
                         "C belongs to spfq's plain path, and this run takes the projected one (add --path plain or best)"))
+        if self.stored_bits is not None and self.avg_bits is None:
+            out.append(("--stored-bits", "it bounds the file of --avg-bits' mixed precision (add --avg-bits B)"))
         return out
 
     def effective(self) -> dict:

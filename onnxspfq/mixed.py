@@ -1,17 +1,28 @@
-"""Mixed precision under a storage budget (--avg-bits): each layer's measured effect on the model output at each
-bit width it may get, and the assignment that meets the budget with the smallest summed effect.
+"""Mixed precision under a budget (--avg-bits, --stored-bits): each layer's measured effect on the model output at
+each bit width it may get, and the assignment that meets the budget with the smallest summed effect.
 
 Sensitivity of a layer at b bits: the relative squared error ||y - y_float||^2 / ||y_float||^2 of the model output
 on the first SAMPLES calibration samples when only that layer's weight is compressed, by the configured method at
 b bits on its float inputs (X~ = X, Grams from the other calibration samples: split()), every other weight in
-float. It is the layer's
-effect on what the user compares, not its own reconstruction error: a layer whose weights hold a few outliers, or
-that feeds a sensitive op, shows it there. The effects are taken as additive (first order). Round-to-nearest as
-the probe was tried first and dropped: it ranks a layer by an error that the path following then corrects (on the
-Fashion-MNIST MLP it made the 784-input layer the most sensitive one at 2 bits).
+float. It is the layer's effect on what the user compares, not its own reconstruction error: a layer whose
+weights hold a few outliers, or that feeds a sensitive op, shows it there. The effects are taken as additive
+(first order). Round-to-nearest as the probe was tried first and dropped: it ranks a layer by an error that the
+path following then corrects (on the Fashion-MNIST MLP it made the 784-input layer the most sensitive one at 2
+bits).
 
-Allocation: the multiple-choice knapsack "smallest summed effect with stored bits <= budget", solved exactly by
-dynamic programming over the budget (in exact units, or BUDGET_STEPS steps with costs rounded up). A
+The budget: at most B bits per weight on average as --bits counts them (code bits: a 3-bit layer counts 3), in a
+file no larger than a uniform --bits ceil(B) model's (stored bits <= STORED_BITS of ceil(B)), or within
+--stored-bits S stored bits. 3-bit codes are held in INT4, as neither ONNX nor MatMulNBits has a 3-bit type, so a
+layer at 3 bits saves code bits, not bytes; with S <= B the file bound alone binds and 3 bits is never chosen over
+4. A budget in stored bits alone was the first design: the choice was then 8 / 4 / 2, and MiniLM-L6 at --avg-bits 3
+(0.9359 cosine) lost to uniform 3 bits (0.9578, RESULTS.md section 11) in a file only 2.5 % smaller. Under the code
+budget, uniform floor(B) bits is always an assignment within it (at integer B: the uniform B-bit model).
+
+Allocation: the multiple-choice knapsack "smallest summed effect with code bits <= budget", solved exactly by
+dynamic programming over the budget (in exact units, or BUDGET_STEPS steps with costs rounded up). The default file
+bound binds only for B in (3, 4) (below, every assignment within the code budget stores at most 4 bits; above, at
+most 8). Where both bind, a price per stored bit is added to each effect, the smallest price that meets the bound
+found by bisection (Lagrangian relaxation: each answer is optimal among the assignments storing no more than it). A
 greedy descent by effect per saved bit was tried first and overshot: on the Fashion-MNIST MLP at --avg-bits 4 it
 gave the three layers 2 / 4 / 8 bits (2.3 stored bits per weight, far under the budget) where the optimum under the
 same effects is 4 / 4 / 4.
@@ -28,11 +39,11 @@ from onnxspfq.io import Model, session
 from onnxspfq.graph import weightless
 from onnxspfq.layers import Layer
 
-# The bit widths a layer may get. What each stores per weight is emit_nbits.STORED_BITS (QDQ stores the same): 3-bit
-# codes are held in INT4 like 4-bit ones, so under a storage budget 4 bits is never worse than 3, and 3 is not offered.
-CHOICES = (8, 4, 2)
+# The bit widths a layer may get (what each stores per weight: emit_nbits.STORED_BITS; QDQ stores the same)
+CHOICES = (8, 4, 3, 2)
 SAMPLES = 32  # calibration samples the probe runs on: one forward pass per (layer, bits) over these
 BUDGET_STEPS = 1 << 16  # the knapsack's largest number of budget steps (its resolution when costs are not exact)
+PRICE_STEPS = 60  # bisection steps for the price per stored bit (module docstring)
 
 
 @dataclass
@@ -87,45 +98,89 @@ def measure(view: Model, layers: list[Layer], batches: list[dict[str, np.ndarray
     return effect
 
 
-def allocate(layers: list[Layer], effect: dict[str, dict[int, float]], avg_bits: float) -> list[Assignment]:
-    """Bits per layer with stored bits per weight <= avg_bits at the smallest summed effect (module docstring)."""
+def file_bound(avg_bits: float) -> float:
+    """Stored bits per weight of a uniform --bits ceil(avg_bits) model: the file bound of the budget."""
+    return float(STORED_BITS.get(int(np.ceil(avg_bits - 1e-9)), 8))
+
+
+def allocate(layers: list[Layer], effect: dict[str, dict[int, float]], avg_bits: float,
+             stored_bits: float | None = None) -> list[Assignment]:
+    """Bits per layer with code bits per weight <= avg_bits and stored bits per weight <= stored_bits (None:
+    file_bound(avg_bits)), at the smallest summed effect (module docstring)."""
     n = np.array([int(np.prod(l.shape)) for l in layers], dtype=np.float64)
     # each layer's effect made non-increasing in bits (a probe can measure a lower error at fewer bits by chance)
     eff = np.array([[min(effect[l.name][c] for c in CHOICES if c <= b) for b in CHOICES] for l in layers])
-    # every cost n * stored bits is a multiple of 2 gcd(n): exact in that unit, unless the budget would then need more
-    # than BUDGET_STEPS steps; then in units of 1 / BUDGET_STEPS of the budget, costs rounded UP (the budget holds)
-    unit = 2.0 * np.gcd.reduce(n.astype(np.int64))
-    if avg_bits * n.sum() / unit > BUDGET_STEPS:
-        unit = avg_bits * n.sum() / BUDGET_STEPS
-    cost = np.ceil(n[:, None] * np.array([STORED_BITS[b] for b in CHOICES])[None, :] / unit - 1e-9).astype(np.int64)
-    cap = int(np.floor(avg_bits * n.sum() / unit + 1e-9))
+    code = n[:, None] * np.array(CHOICES, dtype=np.float64)[None, :]
+    stored = n[:, None] * np.array([STORED_BITS[b] for b in CHOICES], dtype=np.float64)[None, :]
+    bound = (file_bound(avg_bits) if stored_bits is None else stored_bits) * n.sum()
+
+    def stores(chosen: list[int]) -> float:
+        return float(stored[np.arange(len(layers)), chosen].sum())
+
+    if bound <= avg_bits * n.sum():  # code bits <= stored bits: the file bound is the only one that binds
+        chosen = _knapsack(eff, stored, bound)
+    else:
+        chosen = _knapsack(eff, code, avg_bits * n.sum())
+    if stores(chosen) > bound + 1e-9:
+        # a price per stored bit on top of each effect; at `hi` one stored bit outweighs every effect, so that
+        # answer stores least (within any bound: at most the all-2-bit file)
+        lo, hi = 0.0, 2.0 * (eff.max(axis=1).sum() + 1e-300) / (2.0 * n.min())
+        best = _knapsack(eff + hi * stored, code, avg_bits * n.sum())
+        for _ in range(PRICE_STEPS):
+            price = 0.5 * (lo + hi)
+            pick = _knapsack(eff + price * stored, code, avg_bits * n.sum())
+            if stores(pick) > bound + 1e-9:
+                lo = price
+                continue
+            hi = price
+            if eff[np.arange(len(layers)), pick].sum() < eff[np.arange(len(layers)), best].sum():
+                best = pick
+        chosen = best
+    return [Assignment(l.name, int(n[k]), CHOICES[chosen[k]], effect[l.name]) for k, l in enumerate(layers)]
+
+
+def _knapsack(value: np.ndarray, cost: np.ndarray, budget: float) -> list[int]:
+    """The choice per row of `value` (layers x CHOICES) with summed cost <= budget at the smallest summed value,
+    by dynamic programming over the budget."""
+    # every cost n * bits is a multiple of gcd(n): exact in that unit, unless the budget would then need more than
+    # BUDGET_STEPS steps; then in units of 1 / BUDGET_STEPS of the budget, costs rounded UP (the budget holds)
+    unit = float(np.gcd.reduce(np.rint(cost).astype(np.int64).ravel()))
+    if budget / unit > BUDGET_STEPS:
+        unit = budget / BUDGET_STEPS
+    steps = np.ceil(cost / unit - 1e-9).astype(np.int64)
+    cap = int(np.floor(budget / unit + 1e-9))
     best = np.full(cap + 1, np.inf)
     best[0] = 0.0
-    pick = np.zeros((len(layers), cap + 1), dtype=np.int8)
-    for k in range(len(layers)):
+    pick = np.zeros((len(value), cap + 1), dtype=np.int8)
+    for k in range(len(value)):
         new = np.full(cap + 1, np.inf)
-        for i in range(len(CHOICES)):
-            c = cost[k, i]
+        for i in range(value.shape[1]):
+            c = steps[k, i]
             if c > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[c:] = best[: cap + 1 - c] + eff[k, i]
+            cand[c:] = best[: cap + 1 - c] + value[k, i]
             won = cand < new
             new[won], pick[k, won] = cand[won], i
         best = new
     if not np.isfinite(best).any():  # the rounded costs of even the fewest bits exceed the budget
-        chosen = [len(CHOICES) - 1] * len(layers)
-    else:
-        j, chosen = int(np.argmin(best)), []
-        for k in reversed(range(len(layers))):
-            i = int(pick[k, j])
-            chosen.append(i)
-            j -= int(cost[k, i])
-        chosen.reverse()
-    return [Assignment(l.name, int(n[k]), CHOICES[chosen[k]], effect[l.name]) for k, l in enumerate(layers)]
+        return [value.shape[1] - 1] * len(value)
+    j, chosen = int(np.argmin(best)), []
+    for k in reversed(range(len(value))):
+        i = int(pick[k, j])
+        chosen.append(i)
+        j -= int(steps[k, i])
+    chosen.reverse()
+    return chosen
 
 
 def stored_bits(assignments: list[Assignment]) -> float:
     """Stored bits per weight of an assignment (what the budget counts)."""
     total = sum(a.weights for a in assignments)
     return sum(STORED_BITS[a.bits] * a.weights for a in assignments) / max(total, 1)
+
+
+def code_bits(assignments: list[Assignment]) -> float:
+    """Code bits per weight of an assignment (what --avg-bits counts)."""
+    total = sum(a.weights for a in assignments)
+    return sum(a.bits * a.weights for a in assignments) / max(total, 1)

@@ -91,9 +91,11 @@ class Report:
                         f"{bpw:.2f} bits per weight on disk")
             if self.config.get("avg_bits") is not None:
                 per = {b: sum(1 for r in self.layers if r.bits == b) for b in sorted({r.bits for r in self.layers})}
-                codes = sum(STORED_BITS[r.bits] * np.prod(r.shape) for r in self.layers) / n
+                codes = sum(r.bits * np.prod(r.shape) for r in self.layers) / n
+                kept = sum(STORED_BITS[r.bits] * np.prod(r.shape) for r in self.layers) / n
                 rows.append(f"--avg-bits {self.config['avg_bits']:g}: " + ", ".join(f"{c} layers at {b} bits"
-                            for b, c in per.items()) + f"; {codes:.2f} stored code bits per weight (scales apart)")
+                            for b, c in per.items()) + f"; {codes:.2f} code bits per weight, {kept:.2f} stored "
+                            "(3-bit codes in INT4; scales apart)")
         ratio = self.size_before / self.size_after if self.size_after else float("nan")
         rows.append(f"size: {self.size_before / 1e6:.3f} MB -> {self.size_after / 1e6:.3f} MB ({ratio:.2f}x smaller)"
                     + (f"; {self.opset}" if self.opset else ""))

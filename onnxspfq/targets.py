@@ -9,7 +9,8 @@
     tensorrt  TensorRT's explicit quantization (docs; TensorRT cannot run on these machines): symmetric only, INT8
               per-channel weights on Conv / Gemm / MatMul with int8 activations (--activations int8, zero point 0),
               INT4 only as block-quantized (block 64 / 128 along K) weight-only MatMul / Gemm on 2-D weights, no
-              INT2, no com.microsoft ops, no sparse initializers (2:4 is read from dense weights at build time).
+              INT2, no com.microsoft ops, no sparse initializers (2:4 is read from dense weights at build time);
+              W8A8 also quantizes the skip input of each residual Add after a Conv (residual_inputs).
 
 A target decides per layer (`plan`): the QuantConfig it runs with, or float (left alone, with the reason), and the
 integer type its codes are stored in; `refusals` names the settings the runtime cannot run, before any work.
@@ -113,6 +114,59 @@ def output_tensors(config, graph, layers: list) -> dict[str, str]:
         t = folds[name] if folds.get(name) in unsigned else t
         if readers.get(t):  # a tensor only the graph outputs read keeps its float values
             out[name] = t
+    return out
+
+
+def residual_inputs(config, graph, layers: list) -> dict[str, str]:
+    """Skip tensor -> the Add it feeds: under tensorrt W8A8, the input of each residual Add that is not its Conv's
+    own output. TensorRT fuses Conv [-> BatchNormalization] -> Add [-> Relu] into one INT8 kernel when the other
+    input, the skip connection, is int8 (its Q/DQ placement guide: "quantize the residual input"); a skip that is
+    also a layer input is quantized already. Which input is the skip follows ModelOpt's build_non_residual_input_map:
+    with a Conv behind one input only, the other, unless it is computed from that Conv's output (x + f(x), not a
+    residual); with Convs behind both (a ResNet downsample branch), the input with the shorter path from the graph
+    inputs; neither at equal length, nor for an Add of a constant or a graph input."""
+    if config.target != "tensorrt" or config.activations is None:
+        return {}
+    producer = {o: n for n in graph.node for o in n.output if o}
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    convs = {layer.output: layer.output for layer in layers if layer.op == "Conv"}
+    depth: dict[str, int] = {}  # the longest path from the graph inputs, in nodes (graph.node is sorted)
+    for n in graph.node:
+        d = 1 + max((depth.get(i, 0) for i in n.input if i), default=0)
+        depth.update((o, d) for o in n.output)
+
+    def backbone(t: str) -> str | None:  # the output of the Conv layer behind t, through BatchNormalization
+        while t in producer and producer[t].op_type == "BatchNormalization":
+            t = producer[t].input[0]
+        return convs.get(t)
+
+    def computed_from(t: str, source: str) -> bool:
+        todo, seen = [t], set()
+        while todo:
+            x = todo.pop()
+            if x == source:
+                return True
+            if x not in seen and x in producer:
+                seen.add(x)
+                todo.extend(i for i in producer[x].input if i)
+        return False
+
+    out = {}
+    for n in graph.node:
+        if n.op_type != "Add" or len(n.input) != 2 or any(i in consts or i not in producer for i in n.input):
+            continue
+        (a, b), (ca, cb) = n.input, (backbone(n.input[0]), backbone(n.input[1]))
+        if ca is not None and cb is not None:
+            if ca == cb or depth[a] == depth[b]:
+                continue
+            skip = b if depth[a] > depth[b] else a
+        elif ca is not None or cb is not None:
+            skip, conv = (b, ca) if ca is not None else (a, cb)
+            if computed_from(skip, conv):
+                continue
+        else:
+            continue
+        out[skip] = n.name
     return out
 
 

@@ -248,3 +248,38 @@ def looped(width: int = 8, seed: int = 0, nested_if: bool = False) -> onnx.Model
              h.make_node("Loop", ["trips", "go", "h"], ["y"], body=body, name="loop")]
     return _model(nodes, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                   [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], [nh.from_array(W0, "W0")])
+
+
+def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """x [N, 4, 8, 8] -> a ResNet-like net with three Adds after Convs: `res_down` adds a block's Conv output to a
+    1 x 1 downsample Conv's (the skip: the shorter branch, read by nothing else), `not_res` adds a Conv's output to
+    its own Relu (x + f(x), no residual), `res_sig` adds a Conv's output to a Sigmoid of an earlier tensor (a skip
+    no layer reads) -> GlobalAveragePool -> Flatten -> Gemm -> y [N, 3]."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def conv(name, x, c_in, c_out, k, nodes):
+        inits.append(numpy_helper.from_array((rng.standard_normal((c_out, c_in, k, k)) / np.sqrt(c_in * k * k))
+                                             .astype(np.float32), f"{name}_W"))
+        nodes.append(h.make_node("Conv", [x, f"{name}_W"], [f"{name}_y"], name=name, pads=[k // 2] * 4))
+        return f"{name}_y"
+
+    n = []
+    r0 = conv("c0", "x", 4, 8, 3, n)
+    n.append(h.make_node("Relu", [r0], ["r0"]))
+    n.append(h.make_node("Relu", [conv("c1", "r0", 8, 8, 3, n)], ["r1"]))
+    n.append(h.make_node("Add", [conv("c2", "r1", 8, 8, 3, n), conv("down", "r0", 8, 8, 1, n)], ["a1"], name="res_down"))
+    n.append(h.make_node("Relu", ["a1"], ["r2"]))
+    t3 = conv("c3", "r2", 8, 8, 1, n)
+    n.append(h.make_node("Relu", [t3], ["r3"]))
+    n.append(h.make_node("Add", [t3, "r3"], ["a2"], name="not_res"))
+    n.append(h.make_node("Sigmoid", ["r2"], ["s"]))
+    n.append(h.make_node("Add", [conv("c4", "a2", 8, 8, 3, n), "s"], ["a3"], name="res_sig"))
+    n.append(h.make_node("GlobalAveragePool", ["a3"], ["p"]))
+    n.append(h.make_node("Flatten", ["p"], ["f"]))
+    inits.append(numpy_helper.from_array((rng.standard_normal((8, 3)) / np.sqrt(8)).astype(np.float32), "G_W"))
+    n.append(h.make_node("Gemm", ["f", "G_W"], ["y"], name="head"))
+    return _model(n, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                  [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)

@@ -208,6 +208,8 @@ CASES = [
     ("unknown-path", C + ["--path", "curved"], None, ["--path", "plain"]),
     ("avg-bits-with-bits", C + ["--avg-bits", "3", "--bits", "4"], None, ["--bits", "--avg-bits"]),
     ("avg-bits-out-of-range", C + ["--avg-bits", "9"], None, ["--avg-bits", "[2, 8]"]),
+    ("stored-bits-without-avg-bits", C + ["--stored-bits", "3"], None, ["--stored-bits", "--avg-bits"]),
+    ("stored-bits-out-of-range", C + ["--avg-bits", "3", "--stored-bits", "1.5"], None, ["--stored-bits", "[2, 8]"]),
     ("avg-bits-with-pruning", C + ["--avg-bits", "3", "--sparsity", "0.5"], None, ["--avg-bits", "--sparsity"]),
     ("avg-bits-float-format", C + ["--avg-bits", "3", "--format", "float"], None, ["--avg-bits", "qdq"]),
     ("avg-bits-without-calib", ["compress", "{m}", "-o", "{out}/q.onnx", "-q", "--method", "rtn", "--avg-bits", "3"],

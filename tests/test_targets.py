@@ -179,3 +179,31 @@ def test_ort_cpu_w8a8_conv_and_gemm_outputs_fuse(fmnist_cnn, fmnist_calib_small,
     # 32 calibration images: with onnxruntime 1.32 the agreement here sits just under 95 %, and the old bound of
     # 95 % on 500 images failed on the previous commit too (it passed with an earlier session's onnxruntime)
     assert np.mean(a.argmax(1) == b.argmax(1)) > 0.93
+
+
+def test_tensorrt_w8a8_quantizes_the_skip_of_residual_adds(tmp_path, capsys):
+    """TensorRT fuses Conv -> Add in INT8 when the skip input is int8 (targets.residual_inputs): the downsample
+    branch and the Sigmoid skip of builders.residual_cnn read a DequantizeLinear under --target tensorrt and not
+    under generic; a Conv's own output never does, nor an Add of a Conv output and its own Relu; the output runs."""
+    import json
+
+    from builders import residual_cnn
+
+    onnx.save(residual_cnn(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32))
+    dq_fed = {}
+    for target in ("tensorrt", "generic"):
+        out, rep = tmp_path / f"{target}.onnx", tmp_path / f"{target}.json"
+        assert main(["compress", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o", str(out), "-q",
+                     "--target", target, "--activations", "int8", "--report", str(rep)]) == 0
+        proto = onnx.load(str(out))
+        made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+        dq_fed[target] = {n.name: [made_by.get(i) == "DequantizeLinear" for i in n.input]
+                          for n in proto.graph.node if n.op_type == "Add"}
+        x = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+        assert np.isfinite(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                           .run(None, {"x": x})[0]).all()
+        said = json.loads(rep.read_text())["target"] or ""
+        assert ("the skip input of 2 residual Add(s) quantized" in said) == (target == "tensorrt"), said
+    assert dq_fed["tensorrt"] == {"res_down": [False, True], "not_res": [False, False], "res_sig": [False, True]}
+    assert dq_fed["generic"] == {"res_down": [False, False], "not_res": [False, False], "res_sig": [False, False]}

@@ -198,6 +198,7 @@ def run_one(spec: dict) -> dict:
                                     batch_size=spec.get("batch_size", 16), format=spec.get("format", "qdq"),
                                     auto_C=spec.get("auto_C", False), skip=tuple(spec.get("skip", ())),
                                     avg_bits=float(spec["bits"]) if spec.get("avg_bits") else None,
+                                    stored_bits=spec.get("stored_bits"),
                                     token_mask=spec.get("token_mask", CompressConfig.token_mask),
                                     embeddings=spec.get("embeddings"),
                                     max_patches=spec.get("max_patches", CompressConfig.max_patches),
@@ -227,11 +228,18 @@ def run_one(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ parent
+def _mixed(base: dict, bits) -> list[dict]:
+    """Mixed precision rows: --avg-bits B (B = the column's bits) at 4 and 3, and at 3 also --stored-bits 3 (the
+    file of 4 / 2-bit layers, smaller than uniform 3 bits' INT4)."""
+    out = [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in bits if b in (4, 3)]
+    return out + [{**base, "method": "spfq", "avg_bits": True, "bits": 3, "stored_bits": 3.0} for b in bits if b == 3]
+
+
 def _fmnist_specs(name: str) -> list[dict]:
     base = {"model": name}
     out = [{**base, "method": m, "bits": b} for b in BITS for m in METHODS]
     out += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in BITS]  # the SPFQ paper's
-    out += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in (4, 3)]  # mixed precision, B = bits
+    out += _mixed(base, (4, 3))
     out += [{**base, "method": m, "bits": b, "refit": True} for b in (4, 2, 1) for m in ("spfq", "gpfq")]
     out.append({**base, "method": "ort-static-w8a8", "bits": 8})
     out.append({**base, "method": "spfq", "bits": 8, "activations": {}})  # --activations int8, its defaults
@@ -265,7 +273,7 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
                     "calib": "unpadded"}
             grid = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
             grid += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits if b in (4, 3)]
-            grid += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in large_bits if b in (4, 3)]
+            grid += _mixed(base, large_bits)
             extra = [{**base, "method": m, "bits": 4, "granularity": "block", "block_size": 32}
                      for m in ("rtn", "gpfq", "spfq")]
             extra.append({**base, "method": "gpfq", "bits": 4, "calib": "padded", "batch_size": 16})
@@ -278,7 +286,7 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
             specs[name] = [{**base, "method": m, "bits": b} for b in large_bits for m in large_methods]
             specs[name] += [{**base, "method": "spfq", "operator": "stochastic", "bits": b} for b in large_bits
                             if b in (4, 3)]
-            specs[name] += [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in large_bits if b in (4, 3)]
+            specs[name] += _mixed(base, large_bits)
             specs[name] += [{**base, "method": "ort-static-w8a8", "bits": 8},
                             {**base, "method": "spfq", "bits": 8, "activations": {}}]
             specs[name] += [{**base, "method": k, "bits": 4} for k in ORT_CONFIGS[1:]]

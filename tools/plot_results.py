@@ -21,7 +21,7 @@ def label(r: dict) -> str:
     if r.get("path"):
         s += f" path={r['path']}"
     if r.get("avg_bits"):
-        s += " --avg-bits"
+        s += " --avg-bits" + (f" --stored-bits {r['stored_bits']:g}" if r.get("stored_bits") else "")
     if r.get("activations") is not None:
         s += " w8a8" + "".join(f" {k}={v}" for k, v in sorted(r["activations"].items()))
     if r.get("refit"):
