@@ -457,14 +457,18 @@ def _gptq_block(W, U, live, xi, T, P, bs, b0, b1, Q, V, Err, gstart, grp, nkeep)
 
 def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray, T, P: np.ndarray, bs: int,
                  block: int = DEFAULT_BLOCK, inner: int = DEFAULT_INNER, groups: np.ndarray | None = None,
-                 nkeep: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 nkeep: int = 0, gemm_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ with U = upper Cholesky factor of (damped H)^-1; `live` marks columns with d > 0 (others q = 0).
 
     Two-level blocking: sequential Numba sweeps over `inner` columns, small
-    GEMMs inside a `block`, one large GEMM per block for the remaining columns.
+    GEMMs inside a `block`, one large GEMM per block for the remaining columns. gemm_dtype=np.float32 runs that
+    large GEMM (most of the flops) in float32, as GPTQ's reference code runs all of it: the later columns' targets
+    then carry ~1e-7 relative error, so a rare rounding decision differs from the float64 form.
     """
     W = np.array(W, dtype=np.float64, copy=True)
     U = _f64(U)
+    f32 = np.dtype(gemm_dtype) == np.float32
+    Ug = U.astype(np.float32) if f32 else U
     N1, N0 = W.shape
     inner = max(1, min(int(inner), int(block)))
     Q, V, Err = _touched((N1, N0)), _touched((N1, N0)), _touched((N1, N0))
@@ -486,7 +490,7 @@ def gptq_blocked(W: np.ndarray, U: np.ndarray, live: np.ndarray, xi: np.ndarray,
                     Wr[:, s1:b1] -= Er[:, s0:s1] @ U[s0:s1, s1:b1]
                 s0 = s1
             if b1 < N0:
-                Wr[:, b1:] -= Er[:, b0:b1] @ U[b0:b1, b1:]
+                Wr[:, b1:] -= (Er[:, b0:b1].astype(np.float32) if f32 else Er[:, b0:b1]) @ Ug[b0:b1, b1:]
             b0 = b1
 
     _over_rows(rows, N1)

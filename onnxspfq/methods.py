@@ -154,6 +154,10 @@ def gptq(W: np.ndarray, stats: Grams, config: QuantConfig, rng: np.random.Genera
 # tools/bench_few_rows.py (docs/RESULTS.md section 11). The gptq baseline keeps config.damp as published.
 FEW_ROWS_DAMP = 0.1
 
+# the OPTQ sweep's large update GEMM (kernels.gptq_blocked) in float32, as GPTQ's reference code runs it: 0.58x of
+# a float32 GEMM at N0 = 2048 vs 0.44x in float64 (tools/bench_kernels.py; docs/RESULTS.md section 20)
+OPTQ_GEMM = np.float32
+
 
 def inv_lower(L: np.ndarray) -> np.ndarray:
     """The inverse of a lower-triangular L (or a stack of them), by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
@@ -209,7 +213,8 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     def core(rows, T, xi, P, bs, C, groups, nkeep):
         if U.ndim == 3:
             return kernels.gptq_rows(target[rows], U[rows], live[rows], xi, T, P, bs)
-        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep)
+        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep,
+                                    gemm_dtype=OPTQ_GEMM)
 
     return core, (target, np.where(live, 1.0 / np.einsum("...ii->...i", U) ** 2, 0.0))
 

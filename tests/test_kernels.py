@@ -246,11 +246,15 @@ def test_blocked_row_chunks_equal_gram_and_thread_count_free(form):
 
 def test_blocked_float32_gemm_close_to_float64():
     # gemm_dtype=float32 (cross-block GEMMs in float32) is an approximation: v within ~1e-5 relative, and only
-    # rare rounding decisions may differ from the float64 engine.
+    # rare rounding decisions may differ from the float64 engine (GPTQ's blocked sweep, the default's kernel, too).
     X, Xt, W, xi = _problem(seed=12, m=120, n0=96, n1=130)
     P, bs = _params(W, "stochastic", block=False)
     G, H = Xt.T @ X, Xt.T @ Xt
+    U, live = gptq_factor(Xt)
+    Wl = np.where(live, W, 0.0)
     for f64, f32 in (
+        (K.gptq_blocked(Wl, U, live, xi, op.nearest_round, P, bs, block=16, inner=5),
+         K.gptq_blocked(Wl, U, live, xi, op.nearest_round, P, bs, block=16, inner=5, gemm_dtype=np.float32)),
         (K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs, block=16),
          K.blocked_merged(W, G, H, xi, 1.0, op.stochastic_round, P, bs, block=16, gemm_dtype=np.float32)),
         (K.blocked_phase2(W, H, xi, 1.0, op.stochastic_round, P, bs, block=16),

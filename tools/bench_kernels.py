@@ -71,6 +71,8 @@ def bench(n: int) -> list[tuple[str, float | None, str]]:
     rows.append(("blocked Gram merged, f32 GEMM", _best(lambda: K.blocked_merged(W, G, H, xi, 1.0, T, P, bs, gemm_dtype=np.float32)), ""))
     rows.append(("blocked phase I, order 2 (f64)", _best(lambda: K.blocked_align(W, G, H, 2)), "2 passes"))
     rows.append(("GPTQ blocked (f64)", _best(lambda: K.gptq_blocked(W, U, live, xi, op.nearest_round, P, bs)), ""))
+    rows.append(("GPTQ blocked, f32 GEMM", _best(lambda: K.gptq_blocked(W, U, live, xi, op.nearest_round, P, bs,
+                                                                        gemm_dtype=np.float32)), ""))
     if n <= UNBLOCKED_MAX_N0:
         r = 1 if n >= 1024 else REPEATS
         rows.append(("Gram phase II, unblocked (numba)", _best(lambda: R.gram_phase2(W, H, xi, 1.0, T, P, bs), r), ""))
