@@ -157,6 +157,7 @@ FEW_ROWS_DAMP = 0.1
 # the OPTQ sweep's large update GEMM (kernels.gptq_blocked) in float32, as GPTQ's reference code runs it: 0.58x of
 # a float32 GEMM at N0 = 2048 vs 0.44x in float64 (tools/bench_kernels.py; docs/RESULTS.md section 20)
 OPTQ_GEMM = np.float32
+INV_BLOCK = 128  # inv_lower's base case
 
 
 def inv_lower(L: np.ndarray) -> np.ndarray:
@@ -173,9 +174,6 @@ def inv_lower(L: np.ndarray) -> np.ndarray:
     out[..., :h, :h], out[..., h:, h:] = Ai, Ci
     out[..., h:, :h] = -(Ci @ L[..., h:, :h]) @ Ai
     return out
-
-
-INV_BLOCK = 128  # inv_lower's base case
 
 
 def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, target: np.ndarray | None = None):

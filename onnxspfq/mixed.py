@@ -23,8 +23,8 @@ dynamic programming over the budget (in exact units, or BUDGET_STEPS steps with 
 bound binds only for B in (3, 4) (below, every assignment within the code budget stores at most 4 bits; above, at
 most 8). Where both bind: the better of a price per stored bit added to each effect (the smallest price that
 meets the bound, by bisection: Lagrangian relaxation, optimal among the assignments storing no more than its
-answer, but it can miss by far: _knapsack2's docstring) and a DP over both budgets (_knapsack2: exact where the
-costs' units fit its steps, else rounded up so that both bounds hold). A
+answer, but it can miss by far: the comment in allocate) and the DP over both budgets (exact where the costs'
+units fit its steps, else rounded up so that both bounds hold). A
 greedy descent by effect per saved bit was tried first and overshot: on the Fashion-MNIST MLP at --avg-bits 4 it
 gave the three layers 2 / 4 / 8 bits (2.3 stored bits per weight, far under the budget) where the optimum under the
 same effects is 4 / 4 / 4.
@@ -46,7 +46,7 @@ CHOICES = (8, 4, 3, 2)
 SAMPLES = 32  # calibration samples the probe runs on: one forward pass per (layer, bits) over these
 BUDGET_STEPS = 1 << 16  # the knapsack's largest number of budget steps (its resolution when costs are not exact)
 PRICE_STEPS = 60  # bisection steps for the price per stored bit (module docstring)
-CELLS_2D = 1 << 24  # the two-bound knapsack's picks held (layers x code steps x stored steps, int8)
+CELLS_2D = 1 << 24  # the two-budget knapsack's picks held (layers x code steps x stored steps, int8)
 
 
 @dataclass
@@ -120,26 +120,36 @@ def allocate(layers: list[Layer], effect: dict[str, dict[int, float]], avg_bits:
     def stores(chosen: list[int]) -> float:
         return float(stored[np.arange(len(layers)), chosen].sum())
 
+    def summed(chosen: list[int]) -> float:
+        return float(eff[np.arange(len(layers)), chosen].sum())
+
+    def one(value: np.ndarray, cost: np.ndarray, budget: float) -> list[int]:  # nothing fits: the fewest bits
+        return _knapsack(value, [(cost, budget)], BUDGET_STEPS) or [len(CHOICES) - 1] * len(layers)
+
     if bound <= avg_bits * n.sum():  # code bits <= stored bits: the file bound is the only one that binds
-        chosen = _knapsack(eff, stored, bound)
+        chosen = one(eff, stored, bound)
     else:
-        chosen = _knapsack(eff, code, avg_bits * n.sum())
+        chosen = one(eff, code, avg_bits * n.sum())
     if stores(chosen) > bound + 1e-9:
         # a price per stored bit on top of each effect; at `hi` one stored bit outweighs every effect, so that
         # answer stores least (within any bound: at most the all-2-bit file)
         lo, hi = 0.0, 2.0 * (eff.max(axis=1).sum() + 1e-300) / (2.0 * n.min())
-        best = _knapsack(eff + hi * stored, code, avg_bits * n.sum())
+        best = one(eff + hi * stored, code, avg_bits * n.sum())
         for _ in range(PRICE_STEPS):
             price = 0.5 * (lo + hi)
-            pick = _knapsack(eff + price * stored, code, avg_bits * n.sum())
+            pick = one(eff + price * stored, code, avg_bits * n.sum())
             if stores(pick) > bound + 1e-9:
                 lo = price
                 continue
             hi = price
-            if eff[np.arange(len(layers)), pick].sum() < eff[np.arange(len(layers)), best].sum():
+            if summed(pick) < summed(best):
                 best = pick
-        both = _knapsack2(eff, code, avg_bits * n.sum(), stored, bound)
-        if both is not None and eff[np.arange(len(layers)), both].sum() < eff[np.arange(len(layers)), best].sum():
+        # both budgets in one DP: the price alone can miss the optimum by far (on the Fashion-MNIST MLP at
+        # --avg-bits 3.5 it gave 2 / 4 / 8 bits, summed effect 4.2e-3, where 3 / 4 / 4, 9.1e-4, holds both bounds:
+        # the report's per-layer effects; tests/test_mixed.py)
+        both = _knapsack(eff, [(code, avg_bits * n.sum()), (stored, bound)],
+                         max(16, int(np.sqrt(CELLS_2D / max(len(layers), 1)))))
+        if both is not None and summed(both) < summed(best):
             best = both
         chosen = best
     return [Assignment(l.name, int(n[k]), CHOICES[chosen[k]], effect[l.name]) for k, l in enumerate(layers)]
@@ -154,67 +164,35 @@ def _units(cost: np.ndarray, budget: float, steps: int) -> tuple[np.ndarray, int
     return np.ceil(cost / unit - 1e-9).astype(np.int64), int(np.floor(budget / unit + 1e-9))
 
 
-def _knapsack2(value: np.ndarray, cost1: np.ndarray, budget1: float, cost2: np.ndarray,
-               budget2: float) -> list[int] | None:
-    """The choice per row with both summed costs within their budgets at the smallest summed value, by dynamic
-    programming over both budgets at most sqrt(CELLS_2D / layers) steps each (exact where the costs' units fit;
-    rounded up otherwise, so both budgets hold and a little of them may go unused). None: nothing fits. The price
-    per stored bit alone can miss the optimum by far: on the Fashion-MNIST MLP at --avg-bits 3.5 it gave 2 / 4 / 8
-    bits (summed effect 4.2e-3) where 3 / 4 / 4 (9.1e-4) holds both bounds (the report's per-layer effects)."""
-    L = len(value)
-    steps = max(16, int(np.sqrt(CELLS_2D / max(L, 1))))
-    s1, cap1 = _units(cost1, budget1, steps)
-    s2, cap2 = _units(cost2, budget2, steps)
-    best = np.full((cap1 + 1, cap2 + 1), np.inf)
-    best[0, 0] = 0.0
-    pick = np.zeros((L, cap1 + 1, cap2 + 1), dtype=np.int8)
-    for k in range(L):
-        new = np.full_like(best, np.inf)
+def _knapsack(value: np.ndarray, bounds: list[tuple[np.ndarray, float]], steps: int) -> list[int] | None:
+    """The choice per row of `value` (layers x CHOICES) with each summed cost within its budget (`bounds`: (cost
+    per layer and choice, budget) pairs) at the smallest summed value, by dynamic programming over the budgets, at
+    most `steps` steps each (_units: exact where the costs' units fit, else rounded up so that every budget holds
+    and a little of it may go unused). None: nothing fits."""
+    units = [_units(cost, budget, steps) for cost, budget in bounds]
+    size = tuple(cap + 1 for _, cap in units)
+    best = np.full(size, np.inf)
+    best[(0,) * len(size)] = 0.0
+    pick = np.zeros((len(value),) + size, dtype=np.int8)
+    for k in range(len(value)):
+        new = np.full(size, np.inf)
         for i in range(value.shape[1]):
-            a, b = s1[k, i], s2[k, i]
-            if a > cap1 or b > cap2:
+            shift = [int(s[k, i]) for s, _ in units]
+            if any(a >= m for a, m in zip(shift, size)):
                 continue
-            cand = np.full_like(best, np.inf)
-            cand[a:, b:] = best[: cap1 + 1 - a, : cap2 + 1 - b] + value[k, i]
+            cand = np.full(size, np.inf)
+            cand[tuple(slice(a, None) for a in shift)] = best[tuple(slice(0, m - a) for a, m in zip(shift, size))] \
+                + value[k, i]
             won = cand < new
             new[won], pick[k][won] = cand[won], i
         best = new
     if not np.isfinite(best).any():
         return None
-    j1, j2 = np.unravel_index(int(np.argmin(best)), best.shape)
-    chosen = []
-    for k in reversed(range(L)):
-        i = int(pick[k, j1, j2])
-        chosen.append(i)
-        j1, j2 = j1 - int(s1[k, i]), j2 - int(s2[k, i])
-    return chosen[::-1]
-
-
-def _knapsack(value: np.ndarray, cost: np.ndarray, budget: float) -> list[int]:
-    """The choice per row of `value` (layers x CHOICES) with summed cost <= budget at the smallest summed value,
-    by dynamic programming over the budget."""
-    steps, cap = _units(cost, budget, BUDGET_STEPS)
-    best = np.full(cap + 1, np.inf)
-    best[0] = 0.0
-    pick = np.zeros((len(value), cap + 1), dtype=np.int8)
-    for k in range(len(value)):
-        new = np.full(cap + 1, np.inf)
-        for i in range(value.shape[1]):
-            c = steps[k, i]
-            if c > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[c:] = best[: cap + 1 - c] + value[k, i]
-            won = cand < new
-            new[won], pick[k, won] = cand[won], i
-        best = new
-    if not np.isfinite(best).any():  # the rounded costs of even the fewest bits exceed the budget
-        return [value.shape[1] - 1] * len(value)
-    j, chosen = int(np.argmin(best)), []
+    at, chosen = list(np.unravel_index(int(np.argmin(best)), size)), []
     for k in reversed(range(len(value))):
-        i = int(pick[k, j])
+        i = int(pick[(k, *at)])
         chosen.append(i)
-        j -= int(steps[k, i])
+        at = [j - int(s[k, i]) for j, (s, _) in zip(at, units)]
     chosen.reverse()
     return chosen
 

@@ -125,11 +125,13 @@ def residual_inputs(config, graph, layers: list) -> dict[str, str]:
     with a Conv behind one input only, the other, unless it is computed from that Conv's output (x + f(x), not a
     residual); with Convs behind both (a ResNet downsample branch), the input with the shorter path from the graph
     inputs; neither at equal length, nor for an Add of a constant or a graph input."""
+    from onnxspfq.graph import upstream
+
     if config.target != "tensorrt" or config.activations is None:
         return {}
     producer = {o: n for n in graph.node for o in n.output if o}
     consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    convs = {layer.output: layer.output for layer in layers if layer.op == "Conv"}
+    convs = {layer.output for layer in layers if layer.op == "Conv"}
     depth: dict[str, int] = {}  # the longest path from the graph inputs, in nodes (graph.node is sorted)
     for n in graph.node:
         d = 1 + max((depth.get(i, 0) for i in n.input if i), default=0)
@@ -138,18 +140,7 @@ def residual_inputs(config, graph, layers: list) -> dict[str, str]:
     def backbone(t: str) -> str | None:  # the output of the Conv layer behind t, through BatchNormalization
         while t in producer and producer[t].op_type == "BatchNormalization":
             t = producer[t].input[0]
-        return convs.get(t)
-
-    def computed_from(t: str, source: str) -> bool:
-        todo, seen = [t], set()
-        while todo:
-            x = todo.pop()
-            if x == source:
-                return True
-            if x not in seen and x in producer:
-                seen.add(x)
-                todo.extend(i for i in producer[x].input if i)
-        return False
+        return t if t in convs else None
 
     out = {}
     for n in graph.node:
@@ -162,7 +153,7 @@ def residual_inputs(config, graph, layers: list) -> dict[str, str]:
             skip = b if depth[a] > depth[b] else a
         elif ca is not None or cb is not None:
             skip, conv = (b, ca) if ca is not None else (a, cb)
-            if computed_from(skip, conv):
+            if conv in upstream(graph, [skip]):
                 continue
         else:
             continue

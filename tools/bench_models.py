@@ -232,7 +232,7 @@ def _mixed(base: dict, bits) -> list[dict]:
     """Mixed precision rows: --avg-bits B (B = the column's bits) at 4 and 3, and at 3 also --stored-bits 3 (the
     file of 4 / 2-bit layers, smaller than uniform 3 bits' INT4)."""
     out = [{**base, "method": "spfq", "avg_bits": True, "bits": b} for b in bits if b in (4, 3)]
-    return out + [{**base, "method": "spfq", "avg_bits": True, "bits": 3, "stored_bits": 3.0} for b in bits if b == 3]
+    return out + ([{**base, "method": "spfq", "avg_bits": True, "bits": 3, "stored_bits": 3.0}] if 3 in bits else [])
 
 
 def _fmnist_specs(name: str) -> list[dict]:
