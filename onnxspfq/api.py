@@ -27,7 +27,7 @@ from onnxspfq.emit import Item, emit
 from onnxspfq import emit_qdq
 from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.evaluate import evaluate, held_out_source
+from onnxspfq.evaluate import EVAL_MAX_VALUES, evaluate, held_out_source
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, load_model, upstream, weightless
 from onnxspfq.fold import fold_weight_chains
@@ -145,6 +145,9 @@ class _DataFree:
     def release(self, weights: dict) -> dict:
         return {}
 
+    def reference_outputs(self, max_values: int) -> None:
+        return None
+
     def close(self) -> None:
         pass
 
@@ -162,6 +165,7 @@ class _Run:
     token_mask: str | None = None  # the feed marking padding tokens (calib.token_mask_input), None: every row
     plan: targets.Plan | None = None  # each layer's quantization under --target (targets.plan)
     tables: list[embeddings.Table] = dataclasses.field(default_factory=list)  # --embeddings int8
+    output: str | None = None  # the model output the agreement check compares (--output, default the first)
 
     def layer_config(self, config: CompressConfig, layer: Layer, bits: int | None = None) -> CompressConfig:
         """The run's settings for one layer: its target's plan, at `bits` when given (--avg-bits)."""
@@ -176,7 +180,8 @@ class _Run:
         full_grams: the layers whose method reads G itself (Capture; None: all)."""
         return Capture(self.view, self.layers, self.batches if batches is None else batches,
                        max_patches=config.max_patches, group_patches=config.group_patches, seed=config.seed,
-                       progress=progress, token_mask=self.token_mask, act=act, full_grams=full_grams)
+                       progress=progress, token_mask=self.token_mask, act=act, full_grams=full_grams,
+                       reference=self.output if batches is None and self.eval_batches is None else None)
 
     def act_scales(self, config: CompressConfig) -> tuple[ActScales, list[tuple[str, str]], dict[str, str], set[str]]:
         """W8A8's tensors: (their ActScales, the layers whose input stays float and why, layer -> the output tensor
@@ -235,7 +240,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         if skips:
             run.plan.changed += (f"; the skip input of {len(skips)} residual Add(s) quantized too (TensorRT fuses "
                                  "Conv -> Add into one INT8 kernel when the skip is int8)")
-    done, layer_reports, floats = _compress_layers(run, config, progress, calib is None, bits, act)
+    done, layer_reports, floats, reference = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config, run.plan)
     if config.opset is not None:
         compressed = emit_qdq.raise_opset(compressed, config.opset)
@@ -281,7 +286,7 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
             except OSError as err:
                 raise output_files.write_error(err, target) from None
             del compressed
-            _check_and_measure(report, run, str(model_path), staging.path(target), config, compare_output)
+            _check_and_measure(report, run, str(model_path), staging.path(target), config, reference)
             report.time_s = time.perf_counter() - t_start
             if report_path is not None:
                 try:
@@ -344,7 +349,8 @@ def _open(model_path: str, calib, output: str | None, report_path: str | None, c
     token_mask = token_mask_input(config.token_mask, model.proto, batches)
     tables = embeddings.find(model.proto) if config.embeddings == "int8" else []
     embeddings.check(model, tables)
-    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan, tables)
+    return _Run(model, view, layers, skipped + inner, batches, held_out, token_mask, plan, tables,
+                compare_output or names[0])
 
 
 def _check_opset(config: CompressConfig, proto: onnx.ModelProto, layers: list[Layer], plan: targets.Plan) -> None:
@@ -434,9 +440,10 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant),
                 note="; ".join(filter(None, [note, bits and bits[layer.name].why()]))))
             del W, Q, grams
+        reference = capture.reference_outputs(EVAL_MAX_VALUES)
     finally:
         capture.close()
-    return done, layer_reports, floats
+    return done, layer_reports, floats, reference
 
 
 def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[LayerReport],
@@ -460,9 +467,10 @@ def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[La
 
 
 def _check_and_measure(report: Report, run: _Run, model_path: str, written: str, config: CompressConfig,
-                       compare_output: str | None) -> None:
+                       reference: list[np.ndarray] | None) -> None:
     """The written model through onnx.checker (by path), its output agreement with the float model (a warning when
-    poor, or when there is no data to measure on) and the sha256 of input and output, into the report."""
+    poor, or when there is no data to measure on) and the sha256 of input and output, into the report.
+    reference: the float model's outputs on the check's batches where the capture computed them."""
     try:
         onnx.checker.check_model(written, full_check=config.format != "sparse")
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -470,7 +478,8 @@ def _check_and_measure(report: Report, run: _Run, model_path: str, written: str,
                             "please report this") from None
     batches = run.eval_batches if run.eval_batches is not None else run.batches
     if batches:
-        report.agreement = evaluate(model_path, written, batches, output=compare_output, token_mask=run.token_mask)
+        report.agreement = evaluate(model_path, written, batches, output=run.output, token_mask=run.token_mask,
+                                    reference=reference)
         report.agreement_data = "held out (--eval-data)" if run.eval_batches is not None else "calibration"
         if (warning := poor_result(report)) is not None:
             report.warnings.append(warning)

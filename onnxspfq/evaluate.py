@@ -52,10 +52,11 @@ def run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
 
 
 def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]], outputs: list[str] | None = None,
-         max_values: float = float("inf")) -> tuple[list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
+         max_values: float = float("inf"), split: bool = True) -> tuple[list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
     """The outputs of each onnxruntime call, stopping once they reach `max_values` values, and the feeds of each
     call. A batch is split along axis 0 (where every input's axis 0 is the same symbolic dim, i.e. the batch) into
-    calls of about EVAL_RUN_VALUES output values, so that the cap holds inside a batch too."""
+    calls of about EVAL_RUN_VALUES output values, so that the cap holds inside a batch too; split=False: one call
+    per batch."""
     sess = session(model)
     if outputs is not None:
         names = _output_names(sess)
@@ -67,7 +68,7 @@ def _run(model: onnx.ModelProto | str, batches: Iterable[dict[str, np.ndarray]],
     dynamic = len(axis0) == 1 and not isinstance(next(iter(axis0)), int)  # e.g. an RNN's X [seq, ...] is not split
     per_batch, ran, values, per_row = [], [], 0, None
     for feeds in batches:
-        n = _rows(feeds) if dynamic else 0
+        n = _rows(feeds) if dynamic and split else 0
         lo = 0
         while values < max_values and (lo == 0 or lo < n):
             # the first call of a run is one row when the batch can be split: its size sizes the rest
@@ -277,17 +278,23 @@ def _mask_padding(refs: list[np.ndarray], outs: list[np.ndarray], feeds: list[di
 
 def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelProto | str,
              batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None, output: str | None = None,
-             task: str = "auto", k: int = 10, token_mask: str | None = None) -> Agreement:
+             task: str = "auto", k: int = 10, token_mask: str | None = None,
+             reference: list[np.ndarray] | None = None) -> Agreement:
     """Run both models on the same batches and compare output `output` (default: the float model's first);
-    token_mask: the feed whose zeros mark padding tokens, left out of the comparison (_mask_padding)."""
+    token_mask: the feed whose zeros mark padding tokens, left out of the comparison (_mask_padding); reference:
+    the float model's output on each batch, computed already (compress's capture): only the compressed model runs."""
     if task not in TASKS:
         raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     name = output or _first_output(float_model)
-    # one model at a time (a large model and its compressed copy never share memory), outputs capped: the
-    # compressed model runs on exactly the batches the float model's capped outputs cover
-    per_call, ran = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
-    refs = [c[0] for c in per_call]
-    outs = [c[0] for c in _run(compressed_model, ran, [name])[0]]
+    if reference is not None:  # within EVAL_MAX_VALUES in all (Capture.reference_outputs), so one call per batch
+        refs, ran = list(reference), list(batches)
+        outs = [c[0] for c in _run(compressed_model, ran, [name], split=False)[0]]
+    else:
+        # one model at a time (a large model and its compressed copy never share memory), outputs capped: the
+        # compressed model runs on exactly the batches the float model's capped outputs cover
+        per_call, ran = _run(float_model, batches, [name], max_values=EVAL_MAX_VALUES)
+        refs = [c[0] for c in per_call]
+        outs = [c[0] for c in _run(compressed_model, ran, [name])[0]]
     keeps = _mask_padding(refs, outs, ran, token_mask)
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)[:sum(len(r) for r in refs)]

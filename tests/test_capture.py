@@ -485,3 +485,60 @@ def test_depthwise_groups_run_as_one_call_with_the_bytes_of_one_call_each(tmp_pa
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         else:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+
+
+def test_reference_outputs_are_the_float_models_outputs():
+    """The float frontier's extra segment computes the float model's own output (with the original weight of the
+    last layer, whose compressed array the caller holds), read back from spilled arrays; only the float frontier
+    keeps what that segment alone reads (here r1, from the first block); it declines over the cap and where the
+    output's size is unknown before running."""
+    model = fold_weight_chains(_residual_model())
+    model.graph.node.extend([h.make_node("ReduceMean", ["r1"], ["rm"], axes=[1, 2, 3]),
+                             h.make_node("Add", ["y", "rm"], ["y2"])])
+    model.graph.output.append(_vi("y2", ["N", 5]))
+    layers, _ = find_layers(model)
+    batches = _batches()
+    ref = [r[0] for r in run_model(model, batches, None, output_names=["y2"])]
+
+    def captured(m):
+        cap = Capture(m, layers, batches, max_patches=None, memory_limit_mb=0, reference="y2")  # all spilled
+        weights: dict[str, np.ndarray] = {}
+        for layer in layers:
+            cap.grams(layer, dict(weights))
+            weights[layer.weight] = layer.tensor(_compress(layer.matrix()))
+        return cap
+
+    cap = captured(model)
+    assert "r1" in {t for _, t in cap._float.store} and "r1" not in {t for _, t in cap._comp.store}
+    assert cap.reference_outputs(max_values=3 * 2 * 5 - 1) is None  # y2 is 3 batches x [2, 5]
+    got = cap.reference_outputs(max_values=3 * 2 * 5)
+    assert len(got) == 3 and cap._budget.count > 0
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    cap.close()
+    unknown = onnx.ModelProto()
+    unknown.CopyFrom(model)
+    unknown.graph.output[1].type.tensor_type.shape.dim[0].ClearField("dim_param")
+    assert captured(unknown).reference_outputs(max_values=1 << 20) is None
+
+
+def test_compress_takes_the_float_reference_from_the_capture(tmp_path, monkeypatch, fmnist_mlp, fmnist_calib_small):
+    """The final check runs only the compressed model unless --eval-data is given, and its figures equal a
+    check that runs both models."""
+    from onnxspfq import evaluate as ev
+    from onnxspfq.api import compress
+
+    ran = []
+    real_run = ev._run
+    monkeypatch.setattr(ev, "_run", lambda model, *a, **k: ran.append(str(model)) or real_run(model, *a, **k))
+    out = tmp_path / "q.onnx"
+    res = compress(str(fmnist_mlp), str(fmnist_calib_small), str(out), progress=False)
+    assert len(ran) == 1 and ran[0].endswith("q.onnx")  # the staged output file
+    again = ev.evaluate(str(fmnist_mlp), str(out), [{"input": np.load(fmnist_calib_small)["input"]}])
+    assert ran[1:] == [str(fmnist_mlp), str(out)]
+    for f in ("cosine", "rel_error", "top1_agreement", "sample_cosine"):
+        assert getattr(res.report.agreement, f) == pytest.approx(getattr(again, f), rel=1e-6, abs=1e-9)
+    ran.clear()
+    compress(str(fmnist_mlp), str(fmnist_calib_small), str(tmp_path / "h.onnx"), progress=False,
+             eval_data=str(fmnist_calib_small))
+    assert len(ran) == 2 and ran[0] == str(fmnist_mlp) and ran[1].endswith("h.onnx")
