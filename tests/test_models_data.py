@@ -160,3 +160,26 @@ def test_efficientnet_cache_reproduces_reference_logits():
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-3)
     # Measured float top-1 is 18/20 on these photos.
     assert int((logits.argmax(1) == labels).sum()) >= 18
+
+
+@pytest.mark.skipif(not (EFFNET_DIR / "effnet_photos.npz").exists(),
+                    reason="the benchmark photos are not built here: run models/photos.py (see models/README.md)")
+def test_benchmark_photos_are_distinct_and_hold_the_evaluation_photos():
+    """models/photos.py's set: at least 200 rows, no two rows the same crop, none a calibration crop, and its
+    foolbox rows exactly effnet_eval.npz's inputs (one preprocessing)."""
+    import json
+
+    with np.load(EFFNET_DIR / "effnet_photos.npz") as z:
+        x = z["input"]
+    rows = json.loads((EFFNET_DIR / "effnet_photos.json").read_text())["rows"]
+    assert len(rows) == len(x) >= 200 and x.dtype == np.float32 and x.shape[1:] == (3, 224, 224)
+    assert len({r["sha256"] for r in rows}) == len(rows)
+    thumbs = x.reshape(len(x), 3, 28, 8, 28, 8).mean(axis=(1, 3, 5)).reshape(len(x), -1)
+    d = np.abs(thumbs[:, None] - thumbs[None]).mean(-1) + np.eye(len(x)) * 1e9
+    assert d.min() > 0.01  # (x - 127) / 128 units: no two crops alike
+    with np.load(EFFNET_DIR / "effnet_calib.npz") as z:
+        calib = z["input"]
+    ct = calib.reshape(len(calib), 3, 28, 8, 28, 8).mean(axis=(1, 3, 5)).reshape(len(calib), -1)
+    assert np.abs(thumbs[:, None] - ct[None]).mean(-1).min() > 0.01
+    with np.load(EFFNET_DIR / "effnet_eval.npz") as z:
+        np.testing.assert_array_equal(x[[i for i, r in enumerate(rows) if r["package"] == "foolbox"]], z["input"])

