@@ -15,6 +15,7 @@ fake_quant equals onnxruntime's Q -> DQ bit for bit in every storage (tests/test
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,13 +37,21 @@ class ActScales:
     """The tensors to quantize and their scales, computed once per tensor from the float model's values (all
     calibration batches) the first time the capture needs them; `unsigned`: those quantized at zero point 0 over
     0 .. 255; `shared`: tensor -> the quantized tensor whose scale it takes (quantized before it: the capture
-    quantizes in graph order)."""
+    quantizes in graph order); `groups`: see set_groups."""
 
     config: ActConfig
     tensors: set[str]
     unsigned: set[str] = field(default_factory=set)
     shared: dict[str, str] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
+    # tensor -> the Concat outputs of its one-scale group (targets.concat_groups): every member takes the largest
+    # of those outputs' own scales (set_groups), before the capture quantizes the first of them
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def set_groups(self, own: dict[str, float]) -> None:
+        """Each group member's scale from its group's Concat outputs' own scales `own`."""
+        for t, outs in self.groups.items():
+            self.scales[t] = max(own[o] for o in outs)
 
     def scale(self, name: str, values: list[np.ndarray]) -> float:
         if name not in self.scales:
@@ -58,25 +67,45 @@ class ActScales:
 def calibrate(values: list[np.ndarray], config: ActConfig, unsigned: bool = False) -> float:
     """The 8-bit scale of one tensor from its float values (one array per batch); unsigned: the values are >= 0
     and take the codes 0 .. 255."""
-    top = max((float(np.max(np.abs(v))) for v in values if v.size), default=0.0)
-    if not np.isfinite(top):
-        raise ValueError("activation values hold NaN or Inf")
-    if top == 0.0:
-        return 1.0  # an all-zero tensor: any scale represents it exactly
-    if config.calibration == "minmax":
-        clip = top
-    else:
-        hist = np.zeros(HIST_BINS, dtype=np.int64)
-        for v in values:
-            hist += np.histogram(np.abs(v), bins=HIST_BINS, range=(0.0, top))[0]
-        cdf = np.cumsum(hist) / max(int(hist.sum()), 1)
-        k = int(np.searchsorted(cdf, config.percentile / 100.0))
-        clip = top * min(k + 1, HIST_BINS) / HIST_BINS  # the upper edge of the bin holding the percentile
-    top_code = UQMAX if unsigned else QMAX
-    s = np.float32(clip / top_code)
-    if s * np.float32(top_code) > clip:  # never past the clip: a Clip(0, 6) folds into Q only if 255 s <= 6
-        s = np.nextafter(s, np.float32(0))
-    return float(s)
+    return calibrate_many(lambda: ([v] for v in values), config, [unsigned])[0]
+
+
+def calibrate_many(passes: Callable[[], Iterable[list[np.ndarray]]], config: ActConfig,
+                   unsigned: list[bool]) -> list[float]:
+    """calibrate() for several tensors at once: passes() yields, per batch, one array per tensor, and is called
+    once for max|x| and once more for the percentile's histogram (each call may run the model again: nothing is
+    held across batches)."""
+    n = len(unsigned)
+    tops = [0.0] * n
+    for vals in passes():
+        for i, v in enumerate(vals):
+            if v.size:
+                top = float(np.max(np.abs(v)))
+                if not np.isfinite(top):
+                    raise ValueError("activation values hold NaN or Inf")
+                tops[i] = max(tops[i], top)
+    clips = list(tops)
+    if config.calibration != "minmax" and any(tops):
+        hists = [np.zeros(HIST_BINS, dtype=np.int64) for _ in range(n)]
+        for vals in passes():
+            for i, v in enumerate(vals):
+                if tops[i] > 0:
+                    hists[i] += np.histogram(np.abs(v), bins=HIST_BINS, range=(0.0, tops[i]))[0]
+        for i, hist in enumerate(hists):
+            cdf = np.cumsum(hist) / max(int(hist.sum()), 1)
+            k = int(np.searchsorted(cdf, config.percentile / 100.0))
+            clips[i] = tops[i] * min(k + 1, HIST_BINS) / HIST_BINS  # the upper edge of the bin holding the percentile
+    out = []
+    for clip, uns in zip(clips, unsigned):
+        if clip == 0.0:
+            out.append(1.0)  # an all-zero tensor: any scale represents it exactly
+            continue
+        top_code = UQMAX if uns else QMAX
+        s = np.float32(clip / top_code)
+        if s * np.float32(top_code) > clip:  # never past the clip: a Clip(0, 6) folds into Q only if 255 s <= 6
+            s = np.nextafter(s, np.float32(0))
+        out.append(float(s))
+    return out
 
 
 ZERO_POINT = {"int8": np.int8(0), "uint8": np.uint8(128)}

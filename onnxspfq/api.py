@@ -206,7 +206,11 @@ class _Run:
         skips = {t for t in targets.residual_inputs(config, g, quantized) if t in needed and t in main} - keep
         tensors = keep | set(outputs.values()) | skips
         unsigned, shared = activations.layout(g, tensors, config.activations.dtype)
-        return ActScales(config.activations, tensors, unsigned, shared), left, outputs, skips
+        groups = targets.concat_groups(config, g, tensors)
+        for t, outs in groups.items():  # a group is unsigned only if all of it is
+            if not all(m in unsigned for m, o in groups.items() if o == outs):
+                unsigned.discard(t)
+        return ActScales(config.activations, tensors, unsigned, shared, groups=groups), left, outputs, skips
 
 
 def compress(model_path: str, calib=None, output: str | None = None, config: CompressConfig | None = None,
@@ -240,6 +244,9 @@ def compress(model_path: str, calib=None, output: str | None = None, config: Com
         if skips:
             run.plan.changed += (f"; the skip input of {len(skips)} residual Add(s) quantized too (TensorRT fuses "
                                  "Conv -> Add into one INT8 kernel when the skip is int8)")
+        if act.groups:
+            run.plan.changed += (f"; {len(set(act.groups.values()))} Concat group(s) of {len(act.groups)} tensors "
+                                 "on one scale each (TensorRT merges a Concat's inputs and output into one tensor)")
     done, layer_reports, floats, reference = _compress_layers(run, config, progress, calib is None, bits, act)
     compressed = _emit_checked(run.model, done, floats, layer_reports, config, run.plan)
     if config.opset is not None:

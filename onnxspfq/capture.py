@@ -26,12 +26,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxspfq.graph import node_reads, sub_model, weightless
+from onnxspfq.graph import needed_nodes, node_reads, sub_model, weightless
 from onnxspfq.layers import MATMUL_OPS, Layer
 from onnxspfq.spill import Budget, Held, cleanup
 from onnxspfq.io import Model, as_model, session, session_options
 from onnxspfq.gram import Grams
-from onnxspfq.activations import ActScales
+from onnxspfq.activations import ActScales, calibrate_many
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
@@ -227,11 +227,31 @@ class Capture:
         """Fake-quantize the compressed frontier's tensors `names` (activation quantization), each at the scale
         calibrated on its float values; they then count as changed for every later segment."""
         nb = len(self.batches)
+        if any(t in self.act.groups and t not in self.act.scales for t in names):
+            self._group_scales()
         for t in names:
             self.act.scale(t, [self._real_tokens(b, float_value(b, t)) for b in range(nb)])
             for b in range(nb):
                 fr.store[(b, t)] = Held(self.act.fake_quant(t, fr.store[(b, t)].get()), self._budget)
             fr.tainted.add(t)
+
+    def _group_scales(self) -> None:
+        """Every Concat group's scale (ActScales.groups), from its Concat outputs' float values: those lie ahead of
+        the frontier when the first member is quantized, so one session of the float model's nodes up to them runs
+        over the calibration batches (twice for the percentile), holding one batch at a time."""
+        outs = sorted(set(o for group in self.act.groups.values() for o in group))
+        g = self._wl.graph
+        nodes = needed_nodes(g, outs, set())
+        reads = {t for i in nodes for t in node_reads(g.node[i])}
+        weights = [w for w in sorted(self._fed) if w in reads]
+        inputs = [t for t in self._graph_inputs if t in reads]
+        sub = sub_model(self._wl, nodes, inputs, outs, self._value_infos, constants=weights)
+        sess = session(sub.SerializeToString(), session_options(), self.providers,
+                       initializers={w: self._weight_feed(w, {}) for w in weights})
+        unsigned = [o in self.act.unsigned for o in outs]
+        own = calibrate_many(lambda: (sess.run(outs, {t: feed[t] for t in inputs}) for feed in self.batches),
+                             self.act.config, unsigned)
+        self.act.set_groups(dict(zip(outs, own)))
 
     def _real_tokens(self, b: int, x: np.ndarray) -> np.ndarray:
         """x without its padding positions (token_mask's zeros) where x is (batch, sequence, ...) over the mask's

@@ -283,3 +283,31 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
     n.append(h.make_node("Gemm", ["f", "G_W"], ["y"], name="head"))
     return _model(n, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                   [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+
+
+def concat_cnn(seed: int = 0) -> onnx.ModelProto:
+    """x [N, 3, 8, 8] -> a YOLO-like block: Conv c0 -> Relu r0 -> Conv c1 -> Relu r1 -> Conv c2 -> Relu r2,
+    Concat(r0, r1, r2) -> `cat` (r0 and r1 are also layer inputs, r2 is not) -> 1 x 1 Conv c3 -> GlobalAveragePool
+    -> Flatten -> Gemm -> y [N, 3]."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, n = [], []
+
+    def conv(name, x, c_in, c_out, k, out):
+        inits.append(numpy_helper.from_array((rng.standard_normal((c_out, c_in, k, k)) / np.sqrt(c_in * k * k))
+                                             .astype(np.float32), f"{name}_W"))
+        n.append(h.make_node("Conv", [x, f"{name}_W"], [f"{name}_y"], name=name, pads=[k // 2] * 4))
+        n.append(h.make_node("Relu", [f"{name}_y"], [out]))
+
+    conv("c0", "x", 3, 8, 3, "r0")
+    conv("c1", "r0", 8, 8, 3, "r1")
+    conv("c2", "r1", 8, 8, 3, "r2")
+    n.append(h.make_node("Concat", ["r0", "r1", "r2"], ["cat"], name="cat", axis=1))
+    conv("c3", "cat", 24, 8, 1, "r3")
+    n.append(h.make_node("GlobalAveragePool", ["r3"], ["p"]))
+    n.append(h.make_node("Flatten", ["p"], ["f"]))
+    inits.append(numpy_helper.from_array((rng.standard_normal((8, 3)) / np.sqrt(8)).astype(np.float32), "G_W"))
+    n.append(h.make_node("Gemm", ["f", "G_W"], ["y"], name="head"))
+    return _model(n, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)

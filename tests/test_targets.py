@@ -207,3 +207,41 @@ def test_tensorrt_w8a8_quantizes_the_skip_of_residual_adds(tmp_path, capsys):
         assert ("the skip input of 2 residual Add(s) quantized" in said) == (target == "tensorrt"), said
     assert dq_fed["tensorrt"] == {"res_down": [False, True], "not_res": [False, False], "res_sig": [False, True]}
     assert dq_fed["generic"] == {"res_down": [False, False], "not_res": [False, False], "res_sig": [False, False]}
+
+
+@pytest.mark.parametrize("calibration", ["percentile", "minmax"])
+def test_tensorrt_w8a8_puts_each_concat_on_one_scale(tmp_path, calibration):
+    """TensorRT merges a Concat's inputs and output into one tensor (targets.concat_groups): under --target
+    tensorrt the Concat output of builders.concat_cnn and its two inputs that are also layer inputs get one scale,
+    the Concat output's own (calibrated on its float values as any tensor is); under generic each keeps its own;
+    the report says so and the output runs."""
+    import json
+
+    from builders import concat_cnn
+    from onnxspfq.activations import calibrate
+    from reference_run import run_model
+
+    onnx.save(concat_cnn(), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    m = concat_cnn()
+    m.graph.output.append(onnx.ValueInfoProto(name="cat"))
+    batches = [{"x": x[i:i + 16]} for i in range(0, 48, 16)]
+    own = calibrate([o[0] for o in run_model(m, batches, None, output_names=["cat"])],
+                    ActConfig(calibration=calibration))
+    scales = {}
+    for target in ("tensorrt", "generic"):
+        out, rep = tmp_path / f"{target}.onnx", tmp_path / f"{target}.json"
+        assert main(["compress", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o", str(out), "-q",
+                     "--target", target, "--activations", "int8", "--act-calibration", calibration,
+                     "--report", str(rep)]) == 0
+        proto = onnx.load(str(out))
+        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        scales[target] = {t: float(inits[f"{t}_act_scale"]) for t in ("r0", "r1", "cat")}
+        assert np.isfinite(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                           .run(None, {"x": x[:2]})[0]).all()
+        said = json.loads(rep.read_text())["target"] or ""
+        assert ("1 Concat group(s) of 3 tensors on one scale" in said) == (target == "tensorrt"), said
+    assert scales["tensorrt"] == {"r0": own, "r1": own, "cat": own}
+    assert scales["generic"]["cat"] == pytest.approx(own, rel=1e-6)  # uint8 there: zero point 128, same step
+    assert scales["generic"]["r0"] != own and scales["generic"]["r1"] != own
