@@ -27,7 +27,7 @@ from onnxspfq.emit import Item, emit
 from onnxspfq import emit_qdq
 from onnxspfq.emit_sparse import check_nm
 from onnxspfq.errors import OnnxspfqError
-from onnxspfq.evaluate import EVAL_MAX_VALUES, evaluate, held_out_source
+from onnxspfq.evaluate import EVAL_MAX_VALUES, EVAL_RUN_VALUES, evaluate, held_out_source
 from onnxspfq.gram import Grams
 from onnxspfq.graph import check_runnable, load_model, upstream, weightless
 from onnxspfq.fold import fold_weight_chains
@@ -145,7 +145,7 @@ class _DataFree:
     def release(self, weights: dict) -> dict:
         return {}
 
-    def reference_outputs(self, max_values: int) -> None:
+    def reference_outputs(self, max_values: int, call_values: int) -> None:
         return None
 
     def close(self) -> None:
@@ -447,7 +447,7 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant),
                 note="; ".join(filter(None, [note, bits and bits[layer.name].why()]))))
             del W, Q, grams
-        reference = capture.reference_outputs(EVAL_MAX_VALUES)
+        reference = capture.reference_outputs(EVAL_MAX_VALUES, EVAL_RUN_VALUES)
     finally:
         capture.close()
     return done, layer_reports, floats, reference
@@ -474,10 +474,10 @@ def _emit_checked(model: Model, done: list, floats: dict, layer_reports: list[La
 
 
 def _check_and_measure(report: Report, run: _Run, model_path: str, written: str, config: CompressConfig,
-                       reference: list[np.ndarray] | None) -> None:
+                       reference: tuple[list[np.ndarray], list[dict]] | None) -> None:
     """The written model through onnx.checker (by path), its output agreement with the float model (a warning when
     poor, or when there is no data to measure on) and the sha256 of input and output, into the report.
-    reference: the float model's outputs on the check's batches where the capture computed them."""
+    reference: the float model's outputs and the feeds they are for, where the capture computed them."""
     try:
         onnx.checker.check_model(written, full_check=config.format != "sparse")
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

@@ -163,18 +163,56 @@ class Capture:
         self._housekeeping()
         return self._layer_grams(k, layer)
 
-    def reference_outputs(self, max_values: int) -> list[np.ndarray] | None:
-        """The float model's `reference` output for each batch, from the float frontier: only the nodes after the
-        last layer input run. None without a reference, or where the shapes do not tell its size before it runs or
-        all of it would exceed max_values values (a decoder's logits): the caller then runs the float model."""
+    def reference_outputs(self, max_values: int, call_values: int
+                          ) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]] | None:
+        """(the float model's `reference` output of each call, the feeds of each call), from the float frontier:
+        only the nodes after the last layer input run. Calls as evaluate._run makes them: the batches in order until
+        max_values values, a batch whose output is over call_values values split along axis 0 into calls of about
+        that many (a decoder's logits). None without a reference, where the shapes do not tell the output's size
+        before it runs, or where such a batch cannot be split: the caller then runs the float model itself."""
         if self._reference is None:
             return None
         sizes = [self._reference_size(feed) for feed in self.batches]
-        if None in sizes or sum(sizes) > max_values:
+        if None in sizes:
             return None
-        for s in range(self._float.pos, len(self._plan)):
+        last = len(self._plan) - 1
+        for s in range(self._float.pos, last):
             self._advance(self._float, s, {}, None)
-        return [np.array(self._float.store[(b, self._reference)].get()) for b in range(len(self.batches))]
+        seg = self._plan[last]
+        for w in seg.weights:
+            self._float.used[w] = None
+        refs, feeds, total = [], [], 0
+        for b, feed in enumerate(self.batches):
+            if total >= max_values:
+                break
+            names = seg.inputs if seg.nodes else [self._reference]
+            ins = {t: self._float.store[(b, t)].get() for t in names}
+            n = len(next(iter(feed.values())))
+            step = n
+            if sizes[b] > call_values:
+                if not self._splittable(feed, ins, n):
+                    return None
+                step = max(1, call_values * n // sizes[b])
+            for lo in range(0, n, step):
+                if total >= max_values:
+                    break
+                hi, whole = min(n, lo + step), step == n
+                part = ins if whole else {t: v[lo:hi] for t, v in ins.items()}
+                out = (self._session(last, self._float, {}).run([self._reference], part)[0] if seg.nodes
+                       else part[self._reference])
+                refs.append(np.array(out))
+                feeds.append(feed if whole else {k: v[lo:hi] for k, v in feed.items()})
+                total += refs[-1].size
+        return refs, feeds
+
+    def _splittable(self, feed: dict[str, np.ndarray], ins: dict[str, np.ndarray], n: int) -> bool:
+        """Whether a batch of n rows can run in row slices: every graph input declares one symbolic axis 0 (the
+        batch), and every feed and every frontier array the last segment reads has n rows."""
+        dims = {self._value_infos[t].type.tensor_type.shape.dim[0].dim_param or None
+                for t in self._graph_inputs if t in self._value_infos
+                and self._value_infos[t].type.tensor_type.shape.dim}
+        return (n > 1 and len(dims) == 1 and None not in dims
+                and all(np.ndim(v) and len(v) == n for v in list(feed.values()) + list(ins.values())))
 
     def _reference_size(self, feed: dict[str, np.ndarray]) -> int | None:
         """Values of the reference output on `feed`, from its declared shape with the symbolic dims the graph

@@ -279,15 +279,16 @@ def _mask_padding(refs: list[np.ndarray], outs: list[np.ndarray], feeds: list[di
 def evaluate(float_model: onnx.ModelProto | str, compressed_model: onnx.ModelProto | str,
              batches: list[dict[str, np.ndarray]], labels: np.ndarray | None = None, output: str | None = None,
              task: str = "auto", k: int = 10, token_mask: str | None = None,
-             reference: list[np.ndarray] | None = None) -> Agreement:
+             reference: tuple[list[np.ndarray], list[dict[str, np.ndarray]]] | None = None) -> Agreement:
     """Run both models on the same batches and compare output `output` (default: the float model's first);
     token_mask: the feed whose zeros mark padding tokens, left out of the comparison (_mask_padding); reference:
-    the float model's output on each batch, computed already (compress's capture): only the compressed model runs."""
+    (the float model's output of each call, the feeds of each call), computed already (compress's capture,
+    Capture.reference_outputs): only the compressed model runs, on those feeds."""
     if task not in TASKS:
         raise OnnxspfqError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     name = output or _first_output(float_model)
-    if reference is not None:  # within EVAL_MAX_VALUES in all (Capture.reference_outputs), so one call per batch
-        refs, ran = list(reference), list(batches)
+    if reference is not None:
+        refs, ran = reference
         outs = [c[0] for c in _run(compressed_model, ran, [name], split=False)[0]]
     else:
         # one model at a time (a large model and its compressed copy never share memory), outputs capped: the

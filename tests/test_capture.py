@@ -493,7 +493,8 @@ def test_reference_outputs_are_the_float_models_outputs():
     keeps what that segment alone reads (here r1, from the first block); it declines over the cap and where the
     output's size is unknown before running."""
     model = fold_weight_chains(_residual_model())
-    model.graph.node.extend([h.make_node("ReduceMean", ["r1"], ["rm"], axes=[1, 2, 3]),
+    model.graph.node.extend([h.make_node("Flatten", ["r1"], ["fl1"]),
+                             h.make_node("ReduceMean", ["fl1"], ["rm"], axes=[1]),  # [N, 1]
                              h.make_node("Add", ["y", "rm"], ["y2"])])
     model.graph.output.append(_vi("y2", ["N", 5]))
     layers, _ = find_layers(model)
@@ -510,16 +511,21 @@ def test_reference_outputs_are_the_float_models_outputs():
 
     cap = captured(model)
     assert "r1" in {t for _, t in cap._float.store} and "r1" not in {t for _, t in cap._comp.store}
-    assert cap.reference_outputs(max_values=3 * 2 * 5 - 1) is None  # y2 is 3 batches x [2, 5]
-    got = cap.reference_outputs(max_values=3 * 2 * 5)
-    assert len(got) == 3 and cap._budget.count > 0
+    got, feeds = cap.reference_outputs(max_values=1 << 20, call_values=1 << 20)  # one call per batch
+    assert len(got) == 3 and cap._budget.count > 0 and all(f is b for f, b in zip(feeds, batches))
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # y2 is [2, 5] per batch: calls of 5 values are one row each, and the run stops once 12 values are in
+    got, feeds = cap.reference_outputs(max_values=12, call_values=5)
+    assert [g.shape for g in got] == [(1, 5)] * 3
+    for g, f, (b, row) in zip(got, feeds, [(0, 0), (0, 1), (1, 0)]):
+        np.testing.assert_array_equal(f["x"], batches[b]["x"][row:row + 1])
+        np.testing.assert_allclose(g, ref[b][row:row + 1], rtol=1e-5, atol=1e-6)
     cap.close()
     unknown = onnx.ModelProto()
     unknown.CopyFrom(model)
-    unknown.graph.output[1].type.tensor_type.shape.dim[0].ClearField("dim_param")
-    assert captured(unknown).reference_outputs(max_values=1 << 20) is None
+    unknown.graph.output[1].type.tensor_type.shape.dim[0].dim_param = "K"  # no graph input binds it
+    assert captured(unknown).reference_outputs(1 << 20, 1 << 20) is None
 
 
 def test_compress_takes_the_float_reference_from_the_capture(tmp_path, monkeypatch, fmnist_mlp, fmnist_calib_small):
