@@ -163,7 +163,7 @@ def test_efficientnet_cache_reproduces_reference_logits():
 
 
 @pytest.mark.skipif(not (EFFNET_DIR / "effnet_photos.npz").exists(),
-                    reason="the benchmark photos are not built here: run models/photos.py (see models/README.md)")
+                    reason="benchmark data, optional (CI does not fetch it): models/photos.py writes it")
 def test_benchmark_photos_are_distinct_and_hold_the_evaluation_photos():
     """models/photos.py's set: at least 200 rows, no two rows the same crop, none a calibration crop, and its
     foolbox rows exactly effnet_eval.npz's inputs (one preprocessing)."""
