@@ -27,6 +27,9 @@ class Grams:
 
     def __init__(self, n0: int, weight: np.ndarray | None = None) -> None:
         self.n0, self.m = n0, 0
+        # what the methods derive from H alone (prepared.prepare, methods._optq_core), kept for every layer these
+        # Grams serve: Q, K and V of an attention block (gate and up of a gated MLP) read one Grams (capture.py)
+        self.memo: dict = {}
         self.H = np.zeros((n0, n0))
         self.same = True  # every row added had X~ = X
         if weight is None:
@@ -64,6 +67,7 @@ class Grams:
     def _fold(self, H: np.ndarray, m: int, same: bool, *parts: np.ndarray) -> None:
         """Add one product's H and its other parts: (G, F), or in the weight form (W G^T, w^T F w)."""
         self.H += H
+        self.memo.clear()
         for acc, part in zip((self.WG, self.wFw) if self.weighted else (self.G, self.F), parts):
             np.add(acc, part, out=acc)
         self.m += m
@@ -114,6 +118,7 @@ class Grams:
         g._print = np.concatenate([x._print for x in grams])
         g._Wt = None
         g.same = all(x.same for x in grams)
+        g.memo = {}
         return g
 
     @staticmethod

@@ -188,6 +188,22 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     # least-squares aligned W~ = (H + eps I)^-1 G w instead fits the calibration set's X -> X~ map and lost 2 points
     # of test accuracy on the Fashion-MNIST CNN even at 8 bits (89.7 % vs 91.7 %, docs/RESULTS_models.md).
     target = np.ascontiguousarray(np.where(live if live.ndim == 2 else live[None, :], W, 0.0))
+    if ("U", damp) not in L.memo:  # once per Grams: Q, K and V share it (Grams.memo)
+        L.memo["U", damp] = _upper_factor(H, d, live, damp)
+    U = L.memo["U", damp]
+
+    def core(rows, T, xi, P, bs, C, groups, nkeep):
+        if U.ndim == 3:
+            return kernels.gptq_rows(target[rows], U[rows], live[rows], xi, T, P, bs)
+        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep,
+                                    gemm_dtype=OPTQ_GEMM)
+
+    return core, (target, np.where(live, 1.0 / np.einsum("...ii->...i", U) ** 2, 0.0))
+
+
+def _upper_factor(H: np.ndarray, d: np.ndarray, live: np.ndarray, damp: float) -> np.ndarray:
+    """U, the upper Cholesky factor of the damped H^-1 (H^-1 = U^T U), dead columns (d = 0) set to 1 on H's
+    diagonal; one H, or one per row (Grams.stack)."""
     Hd = H.copy()
     diag = np.einsum("...ii->...i", Hd)  # a writable view of the diagonal(s): one H, or one per row (Grams.stack)
     if live.ndim == 1:
@@ -207,14 +223,7 @@ def _optq_core(L: Prepared, config: QuantConfig, damp: float | None = None, targ
     except np.linalg.LinAlgError:
         raise OnnxspfqError(f"GPTQ: the damped Hessian is not positive definite with damp = {damp}: "
                             "raise damp (e.g. 0.01 or 0.1)") from None
-
-    def core(rows, T, xi, P, bs, C, groups, nkeep):
-        if U.ndim == 3:
-            return kernels.gptq_rows(target[rows], U[rows], live[rows], xi, T, P, bs)
-        return kernels.gptq_blocked(target[rows], U, live, xi, T, P, bs, groups=groups, nkeep=nkeep,
-                                    gemm_dtype=OPTQ_GEMM)
-
-    return core, (target, np.where(live, 1.0 / np.einsum("...ii->...i", U) ** 2, 0.0))
+    return U
 
 
 def magnitude_mask(W: np.ndarray, sparsity: float = 0.0, groups: np.ndarray | None = None,

@@ -4,7 +4,7 @@ LayerResult. Shared by the algorithm forms (methods.py) and the search around th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -62,6 +62,7 @@ class Prepared:
     wFw: np.ndarray  # ||X w_n||^2 per row and W G^T: the Q-independent parts of the exact error
     WG: np.ndarray
     perm: np.ndarray | None = None  # act-order: column t of this layer is column perm[t] of the caller's W
+    memo: dict = field(default_factory=dict)  # what is derived from H alone, shared with other layers (Grams.memo)
 
     def error(self, Q: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(||X w_n - X~ q_n||^2, relative error) for Q = the rows `rows` (all when None) of the result."""
@@ -92,6 +93,25 @@ def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
     W = np.ascontiguousarray(W, dtype=np.float64)
     if not np.all(np.isfinite(W)):
         raise OnnxspfqError("weight contains NaN or Inf: fix the model's initializer before compressing")
+    memo = stats.memo.setdefault(("prepared", act_order), {})
+    if "H" not in memo:
+        memo["H"] = _prepared_h(stats, act_order)
+    H, G, same, perm = memo["H"]
+    wFw = stats.w_F_w(W) if G is None else np.einsum("ij,ij->i", W @ (0.5 * (stats.F + stats.F.T)), W)
+    WG = stats.W_Gt(W) if G is None else None
+    if perm is not None and perm.ndim == 2:  # one H per row (Grams.stack): each row in its own act-order
+        W, WG = np.take_along_axis(W, perm, 1), np.take_along_axis(WG, perm, 1)
+    elif perm is not None:
+        W = np.ascontiguousarray(W[:, perm])
+        WG = None if WG is None else np.ascontiguousarray(WG[:, perm])
+    if WG is None:
+        WG = W @ G.T
+    return Prepared(W, H, G, np.diagonal(H, axis1=-2, axis2=-1).copy(), same, wFw, WG, perm, memo)
+
+
+def _prepared_h(stats: Grams, act_order: bool) -> tuple:
+    """(H symmetrised and in act-order, G likewise (H itself when X~ = X; None in the weight form), X~ = X, the
+    act-order permutation or None): what prepare derives from the Grams alone."""
     H = np.asarray(stats.H, dtype=np.float64)
     G = None if stats.weighted else np.asarray(stats.G, dtype=np.float64)
     if not (np.all(np.isfinite(H)) and (np.all(np.isfinite(G)) if G is not None else
@@ -105,22 +125,16 @@ def prepare(W: np.ndarray, stats: Grams, act_order: bool = False) -> Prepared:
     else:
         same = stats.G is stats.H or bool(np.abs(G - H).max() <= 1e-12 * np.abs(H).max())
         G = H if same else np.ascontiguousarray(G)
-    wFw = stats.w_F_w(W) if G is None else np.einsum("ij,ij->i", W @ (0.5 * (stats.F + stats.F.T)), W)
-    WG = stats.W_Gt(W) if G is None else None
     perm = None
-    if act_order and H.ndim == 3:  # one H per row (Grams.stack): each row in its own act-order
+    if act_order and H.ndim == 3:
         perm = np.argsort(-np.diagonal(H, axis1=1, axis2=2), axis=1, kind="stable")
         n = np.arange(H.shape[0])[:, None]
-        W, WG = np.take_along_axis(W, perm, 1), np.take_along_axis(WG, perm, 1)
         H = np.ascontiguousarray(H[n[:, :, None], perm[:, :, None], perm[:, None, :]])
     elif act_order:
         perm = np.argsort(-np.diag(H), kind="stable")
-        W, H = np.ascontiguousarray(W[:, perm]), np.ascontiguousarray(H[np.ix_(perm, perm)])
+        H = np.ascontiguousarray(H[np.ix_(perm, perm)])
         G = None if G is None else (H if same else np.ascontiguousarray(G[np.ix_(perm, perm)]))
-        WG = None if WG is None else np.ascontiguousarray(WG[:, perm])
-    if WG is None:
-        WG = W @ G.T
-    return Prepared(W, H, G, np.diagonal(H, axis1=-2, axis2=-1).copy(), same, wFw, WG, perm)
+    return H, G, same, perm
 
 
 def unpermute(A: np.ndarray, perm: np.ndarray | None) -> np.ndarray:

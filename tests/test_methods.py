@@ -443,3 +443,27 @@ def test_inv_lower_is_the_inverse_of_a_lower_factor(n):
     assert not np.triu(got, 1).any()
     np.testing.assert_array_equal(inv_lower(L[1]), got[1])
     np.testing.assert_allclose(got[0] @ L[0], np.eye(n), atol=1e-9)
+
+
+def test_layers_reading_one_grams_share_its_factorisation(monkeypatch):
+    """Q, K and V read one Grams (the capture builds one per distinct input): what the methods derive from H alone
+    (prepare's symmetrised, act-ordered H; the projected path's factor U) is computed once for the three, the
+    results equal those on fresh Grams byte for byte, and folding more rows into the Grams drops it."""
+    from onnxspfq import methods as M
+
+    calls = []
+    real = M._upper_factor
+    monkeypatch.setattr(M, "_upper_factor", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 48))
+    Xt = X + 0.05 * rng.standard_normal(X.shape)
+    shared = Grams.from_data(X, Xt)
+    for _ in range(3):
+        W = rng.standard_normal((32, 48))
+        Q1, r1 = M.spfq(W, shared, QuantConfig(bits=4), np.random.default_rng(0))
+        Q2, r2 = M.spfq(W, Grams.from_data(X, Xt), QuantConfig(bits=4), np.random.default_rng(0))
+        assert np.array_equal(Q1, Q2) and np.array_equal(r1.sq_error, r2.sq_error)
+    assert len(calls) == 1 + 3
+    assert shared.memo
+    shared.add(X[:10], Xt[:10])
+    assert not shared.memo
