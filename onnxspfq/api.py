@@ -446,6 +446,9 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
                 sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant),
                 note="; ".join(filter(None, [note, bits and bits[layer.name].why()]))))
+            if index + 1 == len(run.layers) or run.layers[index + 1].input != layer.input:
+                for g in grams:  # no later layer reads these Grams: free what the methods kept on them (memo)
+                    g.memo.clear()
             del W, Q, grams
         reference = capture.reference_outputs(EVAL_MAX_VALUES, EVAL_RUN_VALUES)
     finally:
