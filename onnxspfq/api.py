@@ -210,6 +210,8 @@ class _Run:
         for t, outs in groups.items():  # a group is unsigned only if all of it is
             if not all(m in unsigned for m, o in groups.items() if o == outs):
                 unsigned.discard(t)
+        # a member takes the group's scale, not its source's: it gets a Q / DQ pair of its own (activations.emit)
+        shared = {t: s for t, s in shared.items() if t not in groups}
         return ActScales(config.activations, tensors, unsigned, shared, groups=groups), left, outputs, skips
 
 
@@ -432,6 +434,9 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 Q, info, note, quant = _quantize_layer(layer, W, grams, lconfig, rng)
             except OnnxspfqError as err:
                 raise OnnxspfqError(f"layer {layer.name}: {err}") from None
+            if index + 1 == len(run.layers) or run.layers[index + 1].input != layer.input:
+                for g in grams:  # no later layer reads these Grams: free what the methods kept on them (memo)
+                    g.memo.clear()
             if info is None:  # nothing applies to this layer (e.g. N:M only, on a layer N:M cannot cover)
                 run.skipped.append({"name": layer.name, "op": layer.op, "reason": note})
                 continue
@@ -446,9 +451,6 @@ def _compress_layers(run: _Run, config: CompressConfig, progress: bool, data_fre
                 C=getattr(info, "C", None), time_s=time.perf_counter() - t0, groups=layer.groups,
                 sparsity=float(np.mean(Q == 0)), path=_path_shares(info, quant),
                 note="; ".join(filter(None, [note, bits and bits[layer.name].why()]))))
-            if index + 1 == len(run.layers) or run.layers[index + 1].input != layer.input:
-                for g in grams:  # no later layer reads these Grams: free what the methods kept on them (memo)
-                    g.memo.clear()
             del W, Q, grams
         reference = capture.reference_outputs(EVAL_MAX_VALUES, EVAL_RUN_VALUES)
     finally:

@@ -165,54 +165,29 @@ class Capture:
 
     def reference_outputs(self, max_values: int, call_values: int
                           ) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]] | None:
-        """(the float model's `reference` output of each call, the feeds of each call), from the float frontier:
-        only the nodes after the last layer input run. Calls as evaluate._run makes them: the batches in order until
-        max_values values, a batch whose output is over call_values values split along axis 0 into calls of about
-        that many (a decoder's logits). None without a reference, where the shapes do not tell the output's size
-        before it runs, or where such a batch cannot be split: the caller then runs the float model itself."""
+        """(the float model's `reference` output per batch, the feeds it is for), from the float frontier: only the
+        nodes after the last layer input run, on the batches in order until max_values values. None without a
+        reference, where the shapes do not tell the output's size before it runs, or where one batch's output is
+        over call_values values (a decoder's logits): the caller then runs the float model itself, in row slices.
+        Not sliced here: the frontier was computed on whole batches, and a node that mixes rows along axis 0 (a
+        time-major GRU) makes a slice of it differ from what the model computes on the slice of the feeds."""
         if self._reference is None:
             return None
         sizes = [self._reference_size(feed) for feed in self.batches]
-        if None in sizes:
+        if None in sizes or max(sizes, default=0) > call_values:
             return None
+        n = next((k + 1 for k in range(len(sizes)) if sum(sizes[:k + 1]) >= max_values), len(sizes))
         last = len(self._plan) - 1
         for s in range(self._float.pos, last):
             self._advance(self._float, s, {}, None)
         seg = self._plan[last]
+        if not seg.nodes:  # the reference is a tensor an earlier segment computed
+            return [np.array(self._float.store[(b, self._reference)].get()) for b in range(n)], self.batches[:n]
         for w in seg.weights:
             self._float.used[w] = None
-        refs, feeds, total = [], [], 0
-        for b, feed in enumerate(self.batches):
-            if total >= max_values:
-                break
-            names = seg.inputs if seg.nodes else [self._reference]
-            ins = {t: self._float.store[(b, t)].get() for t in names}
-            n = len(next(iter(feed.values())))
-            step = n
-            if sizes[b] > call_values:
-                if not self._splittable(feed, ins, n):
-                    return None
-                step = max(1, call_values * n // sizes[b])
-            for lo in range(0, n, step):
-                if total >= max_values:
-                    break
-                hi, whole = min(n, lo + step), step == n
-                part = ins if whole else {t: v[lo:hi] for t, v in ins.items()}
-                out = (self._session(last, self._float, {}).run([self._reference], part)[0] if seg.nodes
-                       else part[self._reference])
-                refs.append(np.array(out))
-                feeds.append(feed if whole else {k: v[lo:hi] for k, v in feed.items()})
-                total += refs[-1].size
-        return refs, feeds
-
-    def _splittable(self, feed: dict[str, np.ndarray], ins: dict[str, np.ndarray], n: int) -> bool:
-        """Whether a batch of n rows can run in row slices: every graph input declares one symbolic axis 0 (the
-        batch), and every feed and every frontier array the last segment reads has n rows."""
-        dims = {self._value_infos[t].type.tensor_type.shape.dim[0].dim_param or None
-                for t in self._graph_inputs if t in self._value_infos
-                and self._value_infos[t].type.tensor_type.shape.dim}
-        return (n > 1 and len(dims) == 1 and None not in dims
-                and all(np.ndim(v) and len(v) == n for v in list(feed.values()) + list(ins.values())))
+        sess = self._session(last, self._float, {})
+        return ([sess.run([self._reference], {t: self._float.store[(b, t)].get() for t in seg.inputs})[0]
+                 for b in range(n)], self.batches[:n])
 
     def _reference_size(self, feed: dict[str, np.ndarray]) -> int | None:
         """Values of the reference output on `feed`, from its declared shape with the symbolic dims the graph

@@ -285,10 +285,11 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
                   [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
 
 
-def concat_cnn(seed: int = 0) -> onnx.ModelProto:
+def concat_cnn(seed: int = 0, pad: bool = False) -> onnx.ModelProto:
     """x [N, 3, 8, 8] -> a YOLO-like block: Conv c0 -> Relu r0 -> Conv c1 -> Relu r1 -> Conv c2 -> Relu r2,
     Concat(r0, r1, r2) -> `cat` (r0 and r1 are also layer inputs, r2 is not) -> 1 x 1 Conv c3 -> GlobalAveragePool
-    -> Flatten -> Gemm -> y [N, 3]."""
+    -> Flatten -> Gemm -> y [N, 3]. pad: the Concat reads p1, a Pad of zero width of r1 (on r1's grid,
+    activations.layout) that a Conv c2b reads too, whose Relu is added to c3's before the pooling."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -302,10 +303,18 @@ def concat_cnn(seed: int = 0) -> onnx.ModelProto:
 
     conv("c0", "x", 3, 8, 3, "r0")
     conv("c1", "r0", 8, 8, 3, "r1")
+    mid, last = "r1", "r3"
     conv("c2", "r1", 8, 8, 3, "r2")
-    n.append(h.make_node("Concat", ["r0", "r1", "r2"], ["cat"], name="cat", axis=1))
+    if pad:
+        inits.append(numpy_helper.from_array(np.zeros(8, np.int64), "zero_pads"))
+        n.append(h.make_node("Pad", ["r1", "zero_pads"], ["p1"]))
+        conv("c2b", "p1", 8, 8, 3, "r2b")
+        mid, last = "p1", "a"
+    n.append(h.make_node("Concat", ["r0", mid, "r2"], ["cat"], name="cat", axis=1))
     conv("c3", "cat", 24, 8, 1, "r3")
-    n.append(h.make_node("GlobalAveragePool", ["r3"], ["p"]))
+    if pad:
+        n.append(h.make_node("Add", ["r3", "r2b"], ["a"]))
+    n.append(h.make_node("GlobalAveragePool", [last], ["p"]))
     n.append(h.make_node("Flatten", ["p"], ["f"]))
     inits.append(numpy_helper.from_array((rng.standard_normal((8, 3)) / np.sqrt(8)).astype(np.float32), "G_W"))
     n.append(h.make_node("Gemm", ["f", "G_W"], ["y"], name="head"))

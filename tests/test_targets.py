@@ -245,3 +245,21 @@ def test_tensorrt_w8a8_puts_each_concat_on_one_scale(tmp_path, calibration):
     assert scales["tensorrt"] == {"r0": own, "r1": own, "cat": own}
     assert scales["generic"]["cat"] == pytest.approx(own, rel=1e-6)  # uint8 there: zero point 128, same step
     assert scales["generic"]["r0"] != own and scales["generic"]["r1"] != own
+
+
+def test_a_pad_in_a_concat_group_gets_the_groups_scale_and_its_own_pair(tmp_path):
+    """A Concat input made by a Pad from another quantized tensor (on that tensor's grid, so normally left without a
+    pair) takes the group's scale under tensorrt, and the emitted graph quantizes it at that scale."""
+    from builders import concat_cnn
+
+    onnx.save(concat_cnn(pad=True), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert main(["compress", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "-o", str(out), "-q",
+                 "--target", "tensorrt", "--activations", "int8"]) == 0
+    proto = onnx.load(str(out))
+    inits = {t.name: float(numpy_helper.to_array(t)) for t in proto.graph.initializer if t.name.endswith("_act_scale")}
+    assert inits["p1_act_scale"] == inits["cat_act_scale"] == inits["r0_act_scale"] != inits["r1_act_scale"]
+    cat = next(n for n in proto.graph.node if n.op_type == "Concat")
+    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    assert made_by[cat.input[1]] == "DequantizeLinear"
