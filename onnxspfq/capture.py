@@ -262,8 +262,8 @@ class Capture:
         sess = session(sub.SerializeToString(), session_options(), self.providers,
                        initializers={w: self._weight_feed(w, {}) for w in weights})
         unsigned = [o in self.act.unsigned for o in outs]
-        own = calibrate_many(lambda: (sess.run(outs, {t: feed[t] for t in inputs}) for feed in self.batches),
-                             self.act.config, unsigned)
+        own = calibrate_many(lambda: ([self._real_tokens(b, v) for v in sess.run(outs, {t: feed[t] for t in inputs})]
+                                      for b, feed in enumerate(self.batches)), self.act.config, unsigned)
         self.act.set_groups(dict(zip(outs, own)))
 
     def _real_tokens(self, b: int, x: np.ndarray) -> np.ndarray:
