@@ -10,6 +10,13 @@ from onnxspfq.kernels import gather_planes
 
 
 GROUP_CHUNK_VALUES = 1 << 20  # values per operand of one batched group product (8 MB float64)
+# the Gram products of float32 rows run in float32 BLAS (half the time of float64, and no float64 copy of the
+# rows), each product then added into the float64 sums; rows of another type (float64, float16) in float64
+PRODUCT_DTYPE = np.float32
+
+
+def _operand(X: np.ndarray) -> np.ndarray:
+    return X if X.dtype == PRODUCT_DTYPE else np.asarray(X, dtype=np.float64)
 
 
 class Grams:
@@ -52,15 +59,15 @@ class Grams:
     def add(self, X: np.ndarray, Xt: np.ndarray) -> None:
         """Fold one batch of rows (X from the float model, Xt = X~ from the compressed one) into the Grams."""
         same = Xt is X  # X~ = X: H = G = F, one product (the capture passes the same array)
-        X = np.asarray(X, dtype=np.float64)
-        Xt = X if same else np.asarray(Xt, dtype=np.float64)
+        X = _operand(np.asarray(X))
+        Xt = X if same else np.asarray(Xt, dtype=X.dtype)
         if X.shape != Xt.shape or X.ndim != 2 or X.shape[1] != self.n0:
             raise ValueError(f"expected two (m, {self.n0}) arrays, got {X.shape} and {Xt.shape}")
         with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: prepared.prepare names the problem
             H = Xt.T @ Xt
             if self.weighted:
-                Y = X @ self._Wt
-                self._fold(H, X.shape[0], same, Y.T @ Xt, np.einsum("ij,ij->j", Y, Y))
+                Y = X @ self._Wt.astype(X.dtype, copy=False)
+                self._fold(H, X.shape[0], same, Y.T @ Xt, np.einsum("ij,ij->j", Y, Y, dtype=np.float64))
             else:
                 self._fold(H, X.shape[0], same, H if same else Xt.T @ X, H if same else X.T @ X)
 
@@ -145,12 +152,14 @@ class Grams:
         with np.errstate(all="ignore"):
             for lo in range(0, g, step):
                 hi = min(g, lo + step)
-                a = np.ascontiguousarray(X3[lo:hi], dtype=np.float64)  # (groups, n0, m)
-                b = a if same else np.ascontiguousarray(Xt3[lo:hi], dtype=np.float64)
+                dt = PRODUCT_DTYPE if X.dtype == PRODUCT_DTYPE else np.float64
+                a = np.ascontiguousarray(X3[lo:hi], dtype=dt)  # (groups, n0, m)
+                b = a if same else np.ascontiguousarray(Xt3[lo:hi], dtype=dt)
                 H = b @ b.transpose(0, 2, 1)
                 if weighted:  # Y per group: (groups, m, n1) from each group's own (n0, n1) weight rows
-                    Y = a.transpose(0, 2, 1) @ np.stack([gr._Wt for gr in grams[lo:hi]])
-                    WG, wFw = Y.transpose(0, 2, 1) @ b.transpose(0, 2, 1), np.einsum("gij,gij->gj", Y, Y)
+                    Y = a.transpose(0, 2, 1) @ np.stack([gr._Wt for gr in grams[lo:hi]]).astype(dt, copy=False)
+                    WG = Y.transpose(0, 2, 1) @ b.transpose(0, 2, 1)
+                    wFw = np.einsum("gij,gij->gj", Y, Y, dtype=np.float64)
                     for i in range(hi - lo):
                         grams[lo + i]._fold(H[i], m, same, WG[i], wFw[i])
                     continue
