@@ -35,7 +35,10 @@ from onnxspfq.activations import ActScales, calibrate_many
 
 # Activations held in RAM (both frontiers together); beyond this they are spilled to a temporary folder, so memory
 # does not grow with the calibration set (Fashion-MNIST CNN, 8192 samples: 2 GB of frontier arrays at batch 16).
-MEMORY_LIMIT_MB = 16
+# 8, not 16: with the float32 Gram products the CNN's 256-sample peak fell 8 MB and its 8192-sample peak sat 2.4 MB
+# under bench_memory's 1.1x flatness limit; at 8 it is 8.1 MB under (RESULTS.md section 27). The real models spill
+# gigabytes either way, and the README example did not slow (farm-bench wall A/B 0.99)
+MEMORY_LIMIT_MB = 8
 FLUSH_VALUES = 1 << 20  # rows are folded into the Grams once this many input values are pending (8 MB float64)
 
 
