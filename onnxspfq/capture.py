@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,7 +180,7 @@ class Capture:
         sizes = [self._reference_size(feed) for feed in self.batches]
         if None in sizes or max(sizes, default=0) > call_values:
             return None
-        n = next((k + 1 for k in range(len(sizes)) if sum(sizes[:k + 1]) >= max_values), len(sizes))
+        n = next((k + 1 for k, total in enumerate(accumulate(sizes)) if total >= max_values), len(sizes))
         last = len(self._plan) - 1
         for s in range(self._float.pos, last):
             self._advance(self._float, s, {}, None)

@@ -15,8 +15,9 @@ GROUP_CHUNK_VALUES = 1 << 20  # values per operand of one batched group product 
 PRODUCT_DTYPE = np.float32
 
 
-def _operand(X: np.ndarray) -> np.ndarray:
-    return X if X.dtype == PRODUCT_DTYPE else np.asarray(X, dtype=np.float64)
+def _product_dtype(X: np.ndarray, Xt: np.ndarray) -> type:
+    """The type the products of X and X~ run in: PRODUCT_DTYPE when both are in it, else float64."""
+    return PRODUCT_DTYPE if np.asarray(X).dtype == np.asarray(Xt).dtype == PRODUCT_DTYPE else np.float64
 
 
 class Grams:
@@ -59,8 +60,9 @@ class Grams:
     def add(self, X: np.ndarray, Xt: np.ndarray) -> None:
         """Fold one batch of rows (X from the float model, Xt = X~ from the compressed one) into the Grams."""
         same = Xt is X  # X~ = X: H = G = F, one product (the capture passes the same array)
-        X = _operand(np.asarray(X))
-        Xt = X if same else np.asarray(Xt, dtype=X.dtype)
+        dt = _product_dtype(X, Xt)
+        X = np.asarray(X, dtype=dt)
+        Xt = X if same else np.asarray(Xt, dtype=dt)
         if X.shape != Xt.shape or X.ndim != 2 or X.shape[1] != self.n0:
             raise ValueError(f"expected two (m, {self.n0}) arrays, got {X.shape} and {Xt.shape}")
         with np.errstate(all="ignore"):  # an overflowing model's Inf inputs: prepared.prepare names the problem
@@ -144,6 +146,7 @@ class Grams:
         same = Xt is X
         m = X.shape[0]
         step = max(1, GROUP_CHUNK_VALUES // max(m * n0, 1))
+        dt = _product_dtype(X, Xt)
         # (groups, n0, m) operands: im2col's rows come channel-major (its columns contiguous), where they are a
         # free reshape; row-major rows are transposed per chunk
         cm = X.flags.f_contiguous and (same or Xt.flags.f_contiguous)
@@ -152,7 +155,6 @@ class Grams:
         with np.errstate(all="ignore"):
             for lo in range(0, g, step):
                 hi = min(g, lo + step)
-                dt = PRODUCT_DTYPE if X.dtype == PRODUCT_DTYPE else np.float64
                 a = np.ascontiguousarray(X3[lo:hi], dtype=dt)  # (groups, n0, m)
                 b = a if same else np.ascontiguousarray(Xt3[lo:hi], dtype=dt)
                 H = b @ b.transpose(0, 2, 1)
